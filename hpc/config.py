@@ -1,0 +1,369 @@
+"""The deployment config: pydantic models loaded from YAML, with `${VAR}` / `${VAR:-default}` substitution.
+
+Every problem is reported as `FILE: YAML.PATH: what is wrong (what was expected)`, all of them at once."""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hpc.errors import HpcError
+
+ROLES = ("aggregated", "prefill", "decode", "encode")
+
+
+class ConfigError(HpcError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- engine YAMLs: TensorRT-LLM LLM-API field names, so one file serves both the torch and TRT-LLM engines ----
+class KvCacheConfig(Strict):
+    free_gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
+    enable_block_reuse: bool | None = None
+    tokens_per_block: int = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    dtype: str | None = None
+
+
+class CacheTransceiverConfig(Strict):
+    backend: Literal["DEFAULT", "UCX", "NIXL", "MPI"] = "DEFAULT"
+    max_tokens_in_buffer: int | None = Field(None, ge=1)
+
+
+class CudaGraphConfig(Strict):
+    enable_padding: bool | None = None
+    max_batch_size: int | None = Field(None, ge=1)
+    batch_sizes: list[int] | None = None
+
+
+class MoeConfig(Strict):
+    backend: str | None = None
+    max_num_tokens: int | None = Field(None, ge=1)
+
+
+class SpeculativeConfig(Strict):
+    decoding_type: str
+    num_nextn_predict_layers: int | None = Field(None, ge=1)
+    max_draft_len: int | None = Field(None, ge=1)
+
+
+class MockerTiming(Strict):
+    """Simulated timing for the mocker engine; defaults are a Llama-3-8B prefill on one H200 (notes/gpu.md)."""
+
+    prefill_tokens_per_s: float = Field(250_000, gt=0)
+    prefill_overhead_ms: float = Field(2.0, ge=0)
+    decode_step_ms: float = Field(6.0, ge=0)
+    decode_ms_per_sequence: float = Field(0.02, ge=0)
+    decode_ms_per_1k_context: float = Field(0.01, ge=0)
+    kv_bytes_per_token: int = Field(4096, ge=0)
+    vocab_size: int = Field(32000, ge=2)
+
+
+class EngineConfig(Strict):
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    moe_expert_parallel_size: int | None = Field(None, ge=1)
+    moe_tensor_parallel_size: int | None = Field(None, ge=1)
+    enable_attention_dp: bool = False
+    max_num_tokens: int = Field(8192, ge=1)
+    max_batch_size: int = Field(256, ge=1)
+    max_seq_len: int | None = Field(None, ge=1)
+    max_input_len: int | None = Field(None, ge=1)
+    enable_chunked_prefill: bool = False
+    disable_overlap_scheduler: bool = False
+    kv_cache_config: KvCacheConfig = KvCacheConfig()
+    cache_transceiver_config: CacheTransceiverConfig | None = None
+    cuda_graph_config: CudaGraphConfig | None = None
+    moe_config: MoeConfig | None = None
+    speculative_config: SpeculativeConfig | None = None
+    print_iter_log: bool | None = None
+    trust_remote_code: bool | None = None
+    stream_interval: int | None = Field(None, ge=1)
+    backend: Literal["pytorch", "tensorrt", "_autodeploy"] | None = None
+    # Reference-engine fields (ignored by TensorRT-LLM).
+    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_kv_blocks: int | None = Field(None, ge=1)
+    mocker: MockerTiming | None = None
+
+
+# ---- the deployment -------------------------------------------------------------------------------------------
+class Modality(str, Enum):
+    text = "text"
+    multimodal = "multimodal"
+
+
+class ModelSpec(Strict):
+    path: str
+    served_name: str | None = None
+    tokenizer: str | None = None
+    modality: Modality = Modality.text
+    max_context: int | None = Field(None, ge=1)
+
+    @property
+    def name(self) -> str:
+        return self.served_name or Path(self.path).name
+
+
+class Container(Strict):
+    image: str
+    mounts: list[str] = []
+    env: dict[str, str] = {}
+
+
+class ServiceSpec(Strict):
+    port: int = Field(0, ge=0, le=65535)
+
+
+class Services(Strict):
+    etcd: ServiceSpec = ServiceSpec()
+    nats: ServiceSpec = ServiceSpec()
+
+
+class Frontend(Strict):
+    port: int = Field(8000, ge=0, le=65535)
+    router: Literal["round-robin", "least-loaded", "kv-aware"] = "round-robin"
+    request_timeout_s: float = Field(600, gt=0)
+
+
+class Cluster(Strict):
+    """The hardware the deployment is written for; the plan checks it against the real allocation."""
+
+    gpus_per_node: int = Field(4, ge=0)
+    nodes: int | None = Field(None, ge=1)
+
+
+class WorkerSpec(Strict):
+    engine: Literal["trtllm", "torch", "mocker"]
+    engine_config: str | None = None
+    replicas: int = Field(1, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    expert_parallel_size: int = Field(1, ge=1)
+    gpus_per_node: int | None = Field(None, ge=0)
+    env: dict[str, str] = {}
+
+    @property
+    def gpus_per_worker(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+class Workers(Strict):
+    aggregated: WorkerSpec | None = None
+    prefill: WorkerSpec | None = None
+    decode: WorkerSpec | None = None
+    encode: WorkerSpec | None = None
+
+    def items(self) -> list[tuple[str, WorkerSpec]]:
+        return [(r, getattr(self, r)) for r in ROLES if getattr(self, r) is not None]
+
+
+class Transfer(Strict):
+    backend: Literal["nixl"] = "nixl"
+    # Within a node: "auto" takes CUDA IPC + one gather copy on GPUs (benchmarks/kv_transfer.py), NIXL otherwise.
+    intra_node: Literal["auto", "nixl", "cuda-ipc"] = "auto"
+    timeout_s: float = Field(30, gt=0)
+    release_after_s: float = Field(60, gt=0)
+
+
+class Media(Strict):
+    allowed_local_media_path: str | None = None
+    max_file_size_mb: float = Field(50, gt=0)
+
+
+class Deployment(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    model: ModelSpec
+    container: Container | None = None
+    cluster: Cluster = Cluster()
+    services: Services = Services()
+    frontend: Frontend = Frontend()
+    workers: Workers
+    transfer: Transfer = Transfer()
+    media: Media = Media()
+
+    # Filled by the loader: where the file lives (engine_config paths are relative to it).
+    source: Path | None = Field(None, exclude=True)
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.workers.prefill is not None
+
+    def engine_config_path(self, role: str) -> Path | None:
+        spec = getattr(self.workers, role)
+        if spec is None or spec.engine_config is None:
+            return None
+        p = Path(spec.engine_config)
+        return p if p.is_absolute() or self.source is None else self.source.parent / p
+
+    def engine_config(self, role: str) -> EngineConfig:
+        path = self.engine_config_path(role)
+        return load_engine_config(path) if path else EngineConfig()
+
+
+# ---- loading --------------------------------------------------------------------------------------------------
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def substitute_env(text: str, source: str, env: dict[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    problems = []
+
+    def repl(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        line = text.count("\n", 0, m.start()) + 1
+        problems.append(f"{source}:{line}: ${{{name}}} is not set (set it, or write ${{{name}:-default}})")
+        return m.group(0)
+
+    out = _VAR.sub(repl, text)
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    text = substitute_env(text, str(path))
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}{where}: invalid YAML: {getattr(e, 'problem', None) or e}"]) from None
+
+
+def _yaml_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _format(path: Path, err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        where = _yaml_path(tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif e["type"] not in ("value_error",):
+            msg = f"{msg} (got {e['input']!r})"
+        problems.append(f"{path}: {where}: {msg}")
+    return problems
+
+
+def _parse(model: type[BaseModel], path: Path, data: Any, what: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a mapping of {what} fields at the top level, got "
+                           f"{type(data).__name__ if data is not None else 'an empty file'}"])
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(path, e)) from None
+
+
+def load_engine_config(path: Path) -> EngineConfig:
+    data = _read_yaml(path)
+    return _parse(EngineConfig, path, data if data is not None else {}, "engine")
+
+
+def load_deployment(path: str | Path, check_files: bool = True) -> Deployment:
+    """Load and validate a deployment; raises ConfigError listing every problem."""
+    path = Path(path)
+    dep = _parse(Deployment, path, _read_yaml(path), "deployment").model_copy(update={"source": path})
+    problems = check_deployment(dep, path) if check_files else []
+    if problems:
+        raise ConfigError(problems)
+    return dep
+
+
+def check_deployment(dep: Deployment, path: Path) -> list[str]:
+    """Rules that span fields and files: roles that fit together, parallelism that fits the GPUs."""
+    problems = []
+    w = dep.workers
+    roles = [r for r, _ in w.items()]
+    if not roles:
+        problems.append(f"{path}: workers: no workers (expected aggregated, or prefill and decode)")
+    if (w.prefill is None) != (w.decode is None):
+        have, need = ("prefill", "decode") if w.prefill else ("decode", "prefill")
+        problems.append(f"{path}: workers.{need}: required field is missing ({have} workers need {need} workers)")
+    if w.aggregated is not None and w.prefill is not None:
+        problems.append(f"{path}: workers: aggregated and prefill/decode cannot be mixed in one deployment")
+    if w.encode is not None and dep.model.modality != Modality.multimodal:
+        problems.append(f"{path}: workers.encode: encode workers need model.modality: multimodal")
+    gpn_all = dep.cluster.gpus_per_node
+    needed = sum(s.replicas * s.gpus_per_worker for _, s in w.items() if s.engine != "mocker")
+    if dep.cluster.nodes and gpn_all and needed > dep.cluster.nodes * gpn_all:
+        problems.append(f"{path}: cluster.nodes: {dep.cluster.nodes} nodes x {gpn_all} GPUs cannot hold the "
+                        f"{needed} GPUs the workers need")
+    for role, spec in w.items():
+        where = f"{path}: workers.{role}"
+        gpn = spec.gpus_per_node if spec.gpus_per_node is not None else dep.cluster.gpus_per_node
+        n = spec.gpus_per_worker
+        if spec.engine != "mocker" and gpn > 0:
+            if n < gpn and gpn % n:
+                key = "tensor_parallel_size" if spec.pipeline_parallel_size == 1 else "pipeline_parallel_size"
+                problems.append(f"{where}.{key}: {getattr(spec, key)} gives {n} GPUs per worker, which does not "
+                                f"divide {gpn} GPUs per node")
+            elif n > gpn and n % gpn:
+                problems.append(f"{where}.tensor_parallel_size: {n} GPUs per worker is not a whole number of "
+                                f"{gpn}-GPU nodes")
+        if n % spec.expert_parallel_size:
+            problems.append(f"{where}.expert_parallel_size: {spec.expert_parallel_size} does not divide the "
+                            f"{n} GPUs of a worker")
+        if spec.engine == "trtllm" and spec.engine_config is None:
+            problems.append(f"{where}.engine_config: required for engine trtllm")
+        cfg_path = dep.engine_config_path(role)
+        if cfg_path is None:
+            continue
+        try:
+            cfg = load_engine_config(cfg_path)
+        except ConfigError as e:
+            problems.extend(f"{where}.engine_config: {p}" if "file not found" in p else p for p in e.problems)
+            continue
+        for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(cfg, key) != getattr(spec, key):
+                problems.append(f"{cfg_path}: {key}: {getattr(cfg, key)} differs from workers.{role}.{key}: "
+                                f"{getattr(spec, key)} in {path}")
+        ep = cfg.moe_expert_parallel_size
+        if ep is not None and ep != spec.expert_parallel_size:
+            problems.append(f"{cfg_path}: moe_expert_parallel_size: {ep} differs from workers.{role}."
+                            f"expert_parallel_size: {spec.expert_parallel_size} in {path}")
+        if cfg.enable_attention_dp and spec.tensor_parallel_size == 1:
+            problems.append(f"{cfg_path}: enable_attention_dp: needs tensor_parallel_size > 1")
+    return problems
+
+
+def validate_files(paths: list[Path]) -> dict[Path, list[str]]:
+    """Every problem of every file; an empty list means the file is valid."""
+    out = {}
+    for p in paths:
+        try:
+            load_deployment(p)
+            out[p] = []
+        except ConfigError as e:
+            out[p] = e.problems
+    return out

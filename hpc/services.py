@@ -1,0 +1,86 @@
+"""etcd and NATS as child processes on free ports, each with its own data directory.
+
+Used by tests, by `hpc serve` and by the head-node step of a Slurm launch."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpc.errors import HpcError
+from hpc.procs import Pid, free_port, spawn, stop, tcp_open, wait_until
+
+PROVIDED_BY = {"etcd": "etcd-server", "nats-server": "nats-server"}
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise HpcError(f"{name} not found on PATH; it comes with the Debian package {PROVIDED_BY.get(name, name)} "
+                       f"(`make setup` installs it)")
+    return path
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    data_dir: Path
+    log: Path
+    popen: subprocess.Popen = field(repr=False)
+
+    @property
+    def pid(self) -> Pid:
+        return Pid.of(self.popen.pid)
+
+    def stop(self) -> bool:
+        return stop(Pid.of(self.popen.pid), popen=self.popen)
+
+
+def _etcd_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+            return b'"health":"true"' in r.read()
+    except OSError:
+        return False
+
+
+def start_etcd(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: float = 20) -> Service:
+    exe = require_binary("etcd")
+    port = port or free_port(host)
+    peer = free_port(host)
+    url = f"http://{host}:{port}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / "etcd.log"
+    popen = spawn([exe, "--name", f"hpc-{port}", "--data-dir", str(data_dir / "data"),
+                   "--listen-client-urls", url, "--advertise-client-urls", url,
+                   "--listen-peer-urls", f"http://{host}:{peer}",
+                   "--initial-advertise-peer-urls", f"http://{host}:{peer}",
+                   "--initial-cluster", f"hpc-{port}=http://{host}:{peer}",
+                   "--log-level", "warn"], log)
+    service = Service("etcd", url, data_dir, log, popen)
+    try:
+        wait_until(lambda: _etcd_healthy(url), timeout, f"etcd on {url}", alive=lambda: popen.poll() is None, log=log)
+    except BaseException:
+        service.stop()
+        raise
+    return service
+
+
+def start_nats(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: float = 20) -> Service:
+    exe = require_binary("nats-server")
+    port = port or free_port(host)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / "nats.log"
+    popen = spawn([exe, "-a", host, "-p", str(port), "-js", "-sd", str(data_dir / "jetstream")], log)
+    service = Service("nats", f"nats://{host}:{port}", data_dir, log, popen)
+    try:
+        wait_until(lambda: tcp_open(host, port), timeout, f"nats-server on {host}:{port}",
+                   alive=lambda: popen.poll() is None, log=log)
+    except BaseException:
+        service.stop()
+        raise
+    return service

@@ -1,0 +1,1 @@
+"""Everything that runs Slurm commands lives in this package."""
