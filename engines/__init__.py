@@ -1,0 +1,1 @@
+"""Inference engines. Pure compute: nothing here imports hpc/, workers/ or frontend/."""

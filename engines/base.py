@@ -1,0 +1,171 @@
+"""The engine protocol shared by the torch reference engine, the mocker and TensorRT-LLM.
+
+An engine serves four kinds of work: `generate` (aggregated), `prefill` (first token + KV blocks held for a peer),
+`decode` (continue from KV blocks a peer filled), and `encode` (embeddings, multimodal). It exposes its KV pool as
+one contiguous tensor of fixed-size blocks — all layers of a block side by side — so a run of adjacent blocks is one
+contiguous byte range: the unit a transfer moves."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+
+class EngineError(Exception):
+    """A request the engine cannot serve; the message says why."""
+
+
+class LayoutMismatch(EngineError):
+    pass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """What a KV block holds, so two engines can tell whether one's blocks fit the other's."""
+
+    dtype: str
+    block_size: int  # tokens per block
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_bytes: int  # bytes of one block, all layers, K and V
+
+    def mismatch(self, other: "KvLayout") -> str | None:
+        """None when compatible, else which fields differ (ours vs theirs)."""
+        diffs = [f"{name}: {getattr(self, name)} here, {getattr(other, name)} in the KV handle"
+                 for name in ("dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "block_bytes")
+                 if getattr(self, name) != getattr(other, name)]
+        return "; ".join(diffs) or None
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class TokenOutput:
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+@dataclass
+class PrefillOutput:
+    first_token: int
+    finish_reason: str | None  # set when the first token already ends the request: no KV is held then
+    block_ids: list[int]
+    num_tokens: int  # tokens whose KV the blocks hold (the prompt)
+
+
+@dataclass
+class EngineStats:
+    waiting: int = 0
+    running: int = 0
+    held: int = 0  # prefilled requests whose KV blocks wait for a decode worker to read them
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+
+class Engine(Protocol):
+    layout: KvLayout
+
+    def kv_pool(self): ...  # the pool tensor, shape [num_blocks, block_bytes] viewed as bytes
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]: ...
+
+    async def prefill(self, req: EngineRequest) -> PrefillOutput: ...
+
+    def allocate(self, request_id: str, num_tokens: int, max_new_tokens: int) -> list[int]: ...
+
+    def decode(self, req: EngineRequest, first_token: int, block_ids: list[int],
+               num_tokens: int) -> AsyncIterator[TokenOutput]: ...
+
+    def release(self, request_id: str) -> bool: ...
+
+    def cancel(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+
+class BlockAllocator:
+    """Fixed-size KV blocks. Hands out the lowest free ids first, so a request's blocks tend to be adjacent and
+    a transfer can move them as a few long ranges instead of many short ones."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = set(range(num_blocks))
+        self._owned: dict[str, list[int]] = {}
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, owner: str, n: int) -> list[int]:
+        if n > len(self._free):
+            raise EngineError(f"KV cache full: {n} blocks needed, {len(self._free)} free of {self.num_blocks}")
+        ids = self._contiguous(n) or sorted(self._free)[:n]
+        self._free.difference_update(ids)
+        self._owned.setdefault(owner, []).extend(ids)
+        return ids
+
+    def _contiguous(self, n: int) -> list[int] | None:
+        """The first run of n adjacent free blocks, if there is one."""
+        run: list[int] = []
+        for b in sorted(self._free):
+            run = run + [b] if run and b == run[-1] + 1 else [b]
+            if len(run) == n:
+                return run
+        return None
+
+    def extend(self, owner: str, n: int) -> list[int]:
+        return self.allocate(owner, n)
+
+    def owned(self, owner: str) -> list[int]:
+        return self._owned.get(owner, [])
+
+    def free_owner(self, owner: str) -> int:
+        ids = self._owned.pop(owner, [])
+        self._free.update(ids)
+        return len(ids)
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+class OutputStream:
+    """Carries engine outputs from the engine's thread to one request's asyncio consumer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:  # called from any thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def get(self):
+        return await self._queue.get()

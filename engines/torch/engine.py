@@ -1,0 +1,329 @@
+"""The reference engine: continuous batching over a paged KV cache, chunked prefill under a token budget.
+
+One thread runs the model. Each step takes one token from every running sequence (decode), then fills the rest of
+`max_num_tokens` with prompt chunks of waiting sequences (prefill), runs one packed forward pass, samples, and
+hands results to each request's asyncio consumer. New requests join between steps."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+import torch
+
+from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStats, KvLayout, OutputStream,
+                          PrefillOutput, TokenOutput, blocks_for)
+from engines.sampling import sample
+from engines.torch.loader import load_model, random_model, read_config, resolve_dtype
+from engines.torch.model import LlamaForCausalLM, SeqBatch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TorchEngineOptions:
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = 16
+    num_blocks: int | None = None  # default: 1024 on CPU, free_gpu_memory_fraction of free memory on a GPU
+    free_gpu_memory_fraction: float = 0.5
+    max_num_tokens: int = 8192
+    max_batch_size: int = 256
+    enable_chunked_prefill: bool = True
+    random_weights: bool = False  # ignore safetensors; random weights from config.json (benchmarks)
+    seed: int = 0
+
+
+@dataclass
+class _Seq:
+    req: EngineRequest
+    mode: str  # "generate" | "prefill" | "decode"
+    tokens: list[int]
+    num_prompt: int
+    reserve_tokens: int
+    out: OutputStream
+    num_computed: int = 0
+    generated: int = 0
+    blocks: list[int] = field(default_factory=list)
+    block_table: torch.Tensor | None = None
+
+    @property
+    def id(self) -> str:
+        return self.req.request_id
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+class TorchEngine:
+    def __init__(self, model_dir: str | Path, options: TorchEngineOptions | None = None,
+                 model: LlamaForCausalLM | None = None):
+        self.options = o = options or TorchEngineOptions()
+        self.device = pick_device(o.device)
+        if model is None:
+            dtype = resolve_dtype(o.dtype, self.device)
+            model = (random_model(read_config(Path(model_dir)), self.device, dtype, o.seed) if o.random_weights
+                     else load_model(model_dir, self.device, o.dtype))
+        self.model = model
+        cfg = model.config
+        self.dtype = next(model.parameters()).dtype
+        block_shape = model.kv_block_shape(o.block_size)
+        block_bytes = torch.Size(block_shape).numel() * self.dtype.itemsize
+        self.num_blocks = o.num_blocks or self._default_num_blocks(block_bytes)
+        self.pool = torch.zeros((self.num_blocks,) + block_shape, dtype=self.dtype, device=self.device)
+        self.layout = KvLayout(str(self.dtype).removeprefix("torch."), o.block_size, cfg.num_hidden_layers,
+                               cfg.num_key_value_heads, cfg.head_dim, block_bytes)
+        self.eos = set(cfg.eos_token_ids)
+        self.max_seq_len = cfg.max_position_embeddings
+        self.vocab_size = cfg.vocab_size
+        self._alloc = BlockAllocator(self.num_blocks)
+        self._lock = threading.Lock()  # guards the allocator and `held`: decode workers allocate from the loop
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._held: dict[str, _Seq] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._prompt_tokens = 0
+        self._generated_tokens = 0
+
+    def _default_num_blocks(self, block_bytes: int) -> int:
+        if self.device.type != "cuda":
+            return 1024
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(16, int(free * self.options.free_gpu_memory_fraction) // block_bytes)
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def kv_pool(self) -> torch.Tensor:
+        """The pool as bytes, one row per block."""
+        return self.pool.view(self.num_blocks, -1).view(torch.uint8)
+
+    # ---- requests (called from the asyncio thread) -------------------------------------------------------------
+    def _check(self, req: EngineRequest, extra: int = 0) -> None:
+        n = len(req.prompt)
+        if n == 0:
+            raise EngineError("the prompt is empty")
+        if n + req.sampling.max_tokens > self.max_seq_len:
+            raise EngineError(f"prompt of {n} tokens + max_tokens {req.sampling.max_tokens} exceeds the model's "
+                              f"context of {self.max_seq_len} tokens")
+        bad = [t for t in req.prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise EngineError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        need = blocks_for(n + extra, self.options.block_size)
+        if need > self.num_blocks:
+            raise EngineError(f"the request needs {need} KV blocks; the pool holds {self.num_blocks}")
+
+    def _submit(self, req: EngineRequest, mode: str, reserve: int, tokens: list[int] | None = None) -> _Seq:
+        seq = _Seq(req, mode, list(tokens or req.prompt), len(req.prompt), reserve, OutputStream(self._loop))
+        self._inbox.put(("add", seq))
+        return seq
+
+    async def _stream(self, seq: _Seq) -> AsyncIterator[TokenOutput]:
+        finished = False
+        try:
+            while True:
+                out = await seq.out.get()
+                yield out
+                if out.finish_reason:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the consumer went away: stop the work, free the blocks
+                self.cancel(seq.id)
+
+    def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]:
+        self._check(req, req.sampling.max_tokens)
+        return self._stream(self._submit(req, "generate", len(req.prompt) + req.sampling.max_tokens))
+
+    async def prefill(self, req: EngineRequest) -> PrefillOutput:
+        self._check(req)
+        seq = self._submit(req, "prefill", len(req.prompt))
+        out = await seq.out.get()
+        if isinstance(out, TokenOutput):  # an error or a cancellation
+            raise EngineError(out.error or f"prefill {out.finish_reason}")
+        return out
+
+    def allocate(self, request_id: str, num_tokens: int, max_new_tokens: int) -> list[int]:
+        with self._lock:
+            return self._alloc.allocate(request_id, blocks_for(num_tokens + max_new_tokens, self.options.block_size))
+
+    def decode(self, req: EngineRequest, first_token: int, block_ids: list[int],
+               num_tokens: int) -> AsyncIterator[TokenOutput]:
+        """Continue a request whose prompt KV (num_tokens) is already in `block_ids`."""
+        self._check(req)
+        seq = _Seq(req, "decode", list(req.prompt) + [first_token], len(req.prompt), 0, OutputStream(self._loop),
+                   num_computed=num_tokens, generated=1, blocks=list(block_ids))
+        self._inbox.put(("add", seq))
+        return self._stream(seq)
+
+    def release(self, request_id: str) -> bool:
+        with self._lock:
+            self._held.pop(request_id, None)
+            return self._alloc.free_owner(request_id) > 0
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(len(self._waiting), len(self._running), len(self._held), self.num_blocks,
+                               self._alloc.free, self._prompt_tokens, self._generated_tokens)
+
+    # ---- the engine thread -------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                self._drain(block=not (self._waiting or self._running))
+                if self._waiting or self._running:
+                    self._step_safely()
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, arg = item
+            if kind == "add":
+                (self._running if arg.mode == "decode" else self._waiting).append(arg)
+            elif kind == "cancel":
+                self._cancel(arg)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _cancel(self, request_id: str) -> None:
+        for seqs in (self._waiting, self._running):
+            for seq in list(seqs):
+                if seq.id == request_id:
+                    seqs.remove(seq)
+                    self._finish(seq, TokenOutput([], "cancelled"))
+
+    def _finish(self, seq: _Seq, out) -> None:
+        with self._lock:
+            self._alloc.free_owner(seq.id)
+        seq.out.put(out)
+
+    def _step_safely(self) -> None:
+        batch = self._schedule()
+        if not batch:
+            return
+        try:
+            self._step(batch)
+        except Exception as e:  # a failing forward pass ends its requests with the error, not the engine
+            log.exception("engine step failed")
+            for seq, _ in batch:
+                for seqs in (self._waiting, self._running):
+                    if seq in seqs:
+                        seqs.remove(seq)
+                self._finish(seq, TokenOutput([], "error", error=f"engine step failed: {e}"))
+
+    def _schedule(self) -> list[tuple[_Seq, int]]:
+        o = self.options
+        budget = o.max_num_tokens
+        batch = [(seq, 1) for seq in self._running[: o.max_batch_size]]
+        budget -= len(batch)
+        for seq in list(self._waiting):
+            if len(batch) >= o.max_batch_size or budget <= 0:
+                break
+            if not seq.blocks:
+                need = blocks_for(seq.reserve_tokens, o.block_size)
+                with self._lock:
+                    if not self._alloc.can_allocate(need):
+                        break  # admitted in order: wait until running requests free their blocks
+                    seq.blocks = self._alloc.allocate(seq.id, need)
+            remaining = len(seq.tokens) - seq.num_computed
+            n = min(remaining, budget) if o.enable_chunked_prefill else (
+                remaining if remaining <= budget or not batch else 0)
+            if n == 0:
+                break
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def _step(self, batch: list[tuple[_Seq, int]]) -> None:
+        bs = self.options.block_size
+        ids, positions, seqs, logit_rows, to_sample = [], [], [], [], []
+        start = 0
+        for seq, n in batch:
+            if seq.block_table is None:
+                seq.block_table = torch.tensor(seq.blocks, dtype=torch.long, device=self.device)
+            pos = range(seq.num_computed, seq.num_computed + n)
+            ids.extend(seq.tokens[seq.num_computed: seq.num_computed + n])
+            positions.extend(pos)
+            seqs.append(SeqBatch(start, n, seq.num_computed, seq.block_table))
+            if seq.num_computed + n == len(seq.tokens):
+                logit_rows.append(start + n - 1)
+                to_sample.append(seq)
+            start += n
+        dev = self.device
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        block_index = torch.cat([s.block_table[torch.arange(s.context_start, s.context_start + s.length,
+                                                            device=dev) // bs] for s in seqs])
+        logits = self.model(torch.tensor(ids, dtype=torch.long, device=dev), pos_t, seqs, self.pool,
+                            block_index, pos_t % bs, torch.tensor(logit_rows, dtype=torch.long, device=dev))
+        for seq, n in batch:
+            seq.num_computed += n
+            if seq.mode != "decode" and seq.num_computed <= seq.num_prompt:
+                self._prompt_tokens += n
+        logits = logits.cpu()
+        for row, seq in zip(logits, to_sample):
+            self._emit(seq, sample(row, seq.req.sampling, seq.generated))
+
+    def _finish_reason(self, seq: _Seq, token: int) -> str | None:
+        p = seq.req.sampling
+        if token in p.stop_token_ids or (token in self.eos and not p.ignore_eos):
+            return "stop"
+        if seq.generated >= p.max_tokens or len(seq.tokens) >= self.max_seq_len:
+            return "length"
+        return None
+
+    def _emit(self, seq: _Seq, token: int) -> None:
+        seq.tokens.append(token)
+        seq.generated += 1
+        self._generated_tokens += 1
+        reason = self._finish_reason(seq, token)
+        if seq.mode == "prefill":
+            self._waiting.remove(seq)
+            if reason:
+                self._finish(seq, PrefillOutput(token, reason, [], seq.num_prompt))
+            else:
+                with self._lock:
+                    self._held[seq.id] = seq
+                seq.out.put(PrefillOutput(token, None, list(seq.blocks), seq.num_prompt))
+            return
+        if seq in self._waiting:  # its prompt is done: from now on it decodes
+            self._waiting.remove(seq)
+            if not reason:
+                self._running.append(seq)
+        elif reason:
+            self._running.remove(seq)
+        if reason:
+            self._finish(seq, TokenOutput([token], reason))
+        else:
+            seq.out.put(TokenOutput([token]))

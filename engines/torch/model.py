@@ -1,0 +1,224 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2): RMSNorm, RoPE with llama3 scaling, GQA, SwiGLU.
+
+Parameter names follow Hugging Face's, so a safetensors checkpoint loads as it is. The forward pass takes a packed
+batch of sequences (prefill chunks and decode tokens together) and reads/writes a paged KV pool laid out
+[block, layer, K|V, token-in-block, kv-head, head-dim]: all layers of one block are adjacent, so the KV of a run of
+blocks is one contiguous byte range for transfers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 has biases on q, k, v
+    o_bias: bool = False
+    mlp_bias: bool = False
+    eos_token_ids: tuple[int, ...] = field(default=())
+    torch_dtype: str | None = None
+
+    SUPPORTED = ("llama", "mistral", "qwen2")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "LlamaConfig":
+        model_type = d.get("model_type", "llama")
+        if model_type not in cls.SUPPORTED:
+            raise ValueError(f"config.json: model_type {model_type!r} is not supported "
+                             f"(expected one of {', '.join(cls.SUPPORTED)})")
+        heads = d["num_attention_heads"]
+        eos = d.get("eos_token_id")
+        attention_bias = bool(d.get("attention_bias", False))
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-5), rope_theta=d.get("rope_theta", 10000.0),
+            rope_scaling=d.get("rope_scaling"), max_position_embeddings=d.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            eos_token_ids=tuple(eos if isinstance(eos, list) else ([eos] if eos is not None else [])),
+            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+        )
+
+    @property
+    def kv_bytes_per_token_per_layer(self) -> int:
+        return 2 * self.num_key_value_heads * self.head_dim
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind not in (None, "default"):
+        raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported (llama3, linear, default)")
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+@dataclass
+class SeqBatch:
+    """One sequence's part of a packed batch: `length` new tokens starting at packed index `start`, at positions
+    `context_start ...`; its KV lives in `block_table` (block ids, long tensor on the model's device)."""
+
+    start: int
+    length: int
+    context_start: int
+    block_table: torch.Tensor
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.h, self.kvh, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kvh * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kvh * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.h * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, layer: int, seqs: list[SeqBatch], pool: torch.Tensor, slot_block, slot_off):
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.h, self.hd)
+        k = self.k_proj(x).view(t, self.kvh, self.hd)
+        v = self.v_proj(x).view(t, self.kvh, self.hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        pool[slot_block, layer, 0, slot_off] = k
+        pool[slot_block, layer, 1, slot_off] = v
+        out = torch.empty_like(q)
+        for s in seqs:
+            sl = slice(s.start, s.start + s.length)
+            qs = q[sl]
+            if s.context_start == 0:  # the whole context is in this batch: attend to it directly
+                ks, vs = k[sl], v[sl]
+            else:
+                ctx = s.context_start + s.length
+                kv = pool[s.block_table, layer]  # [blocks, 2, block_size, kvh, hd]
+                ks = kv[:, 0].reshape(-1, self.kvh, self.hd)[:ctx]
+                vs = kv[:, 1].reshape(-1, self.kvh, self.hd)[:ctx]
+            mask = None
+            causal = s.length > 1 and s.context_start == 0
+            if s.length > 1 and s.context_start > 0:  # a later prefill chunk: causal with an offset
+                qi = torch.arange(s.length, device=x.device)[:, None] + s.context_start
+                mask = torch.arange(ks.shape[0], device=x.device)[None, :] <= qi
+            o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                               attn_mask=mask, is_causal=causal, enable_gqa=self.h != self.kvh)
+            out[sl] = o.transpose(0, 1)
+        return self.o_proj(out.reshape(t, self.h * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def kv_block_shape(self, block_size: int) -> tuple[int, ...]:
+        c = self.config
+        return (c.num_hidden_layers, 2, block_size, c.num_key_value_heads, c.head_dim)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seqs: list[SeqBatch], pool: torch.Tensor,
+                slot_block: torch.Tensor, slot_off: torch.Tensor, logits_index: torch.Tensor) -> torch.Tensor:
+        """Packed tokens in, logits (float32) out for the rows in `logits_index`."""
+        x = self.model.embed_tokens(input_ids)
+        freqs = positions[:, None].float() * self.inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+        for i, layer in enumerate(self.model.layers):
+            h = layer.input_layernorm(x)
+            x = x + layer.self_attn(h, cos, sin, i, seqs, pool, slot_block, slot_off)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = self.model.norm(x[logits_index])
+        return self.lm_head(x).float()
+
+    def flops_per_token(self) -> int:
+        """Matmul FLOPs per token through the layers (not the LM head, which runs on sampled rows only, and not
+        attention's context-dependent part, which callers add)."""
+        c = self.config
+        attn = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim \
+            + c.num_attention_heads * c.head_dim * c.hidden_size
+        mlp = 3 * c.hidden_size * c.intermediate_size
+        return 2 * c.num_hidden_layers * (attn + mlp)
