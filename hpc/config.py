@@ -285,7 +285,8 @@ def _parse(model: type[BaseModel], path: Path, data: Any, what: str) -> Any:
         raise ConfigError(_format(path, e)) from None
 
 
-def load_engine_config(path: Path) -> EngineConfig:
+def load_engine_config(path: str | Path) -> EngineConfig:
+    path = Path(path)
     data = _read_yaml(path)
     return _parse(EngineConfig, path, data if data is not None else {}, "engine")
 

@@ -57,3 +57,10 @@ def venv_python() -> str:
     import sys
 
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_model(work_dir) -> Path:
+    from engines.torch.tiny import make_tiny_model
+
+    return make_tiny_model(work_dir / "models" / "tiny-llama")

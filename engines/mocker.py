@@ -1,0 +1,202 @@
+"""The mocker: no model, simulated timing, real KV bytes.
+
+Prefill takes `prefill_overhead_ms + tokens / prefill_tokens_per_s` (one prefill at a time, as on one GPU); each
+decode step takes `decode_step_ms + per-sequence + per-context` time for the whole running batch. Tokens are a
+deterministic function of the prompt and position, so aggregated and disaggregated runs agree. The KV pool is real
+memory: prefill writes a pattern into its blocks and a decode worker that pulls them moves real bytes through NIXL,
+so the transport is exercised at scale without GPUs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStats, KvLayout, PrefillOutput,
+                          TokenOutput, blocks_for)
+
+
+@dataclass
+class MockerOptions:
+    prefill_tokens_per_s: float = 250_000
+    prefill_overhead_ms: float = 2.0
+    decode_step_ms: float = 6.0
+    decode_ms_per_sequence: float = 0.02
+    decode_ms_per_1k_context: float = 0.01
+    kv_bytes_per_token: int = 4096
+    vocab_size: int = 32000
+    block_size: int = 16
+    num_blocks: int = 4096
+    max_batch_size: int = 256
+    max_seq_len: int = 131072
+    eos_token_id: int | None = None
+
+
+@dataclass
+class _Running:
+    req: EngineRequest
+    context: int
+    generated: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+def mock_token(prompt: list[int], index: int, vocab: int) -> int:
+    h = hashlib.blake2b(repr((prompt[-16:], len(prompt), index)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") % vocab
+
+
+class MockerEngine:
+    def __init__(self, options: MockerOptions | None = None):
+        self.o = o = options or MockerOptions()
+        block_bytes = max(1, o.kv_bytes_per_token * o.block_size)
+        self.pool = torch.zeros((o.num_blocks, block_bytes), dtype=torch.uint8)
+        self.layout = KvLayout("uint8", o.block_size, 1, 1, o.kv_bytes_per_token, block_bytes)
+        self._alloc = BlockAllocator(o.num_blocks)
+        self._prefill_lock: asyncio.Lock | None = None
+        self._running: dict[str, _Running] = {}
+        self._waiting = 0
+        self._held: set[str] = set()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._prompt_tokens = self._generated_tokens = 0
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._prefill_lock = asyncio.Lock()
+        self._wakeup = asyncio.Event()
+        self._task = loop.create_task(self._decode_loop())
+
+    def shutdown(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    def kv_pool(self) -> torch.Tensor:
+        return self.pool
+
+    def _check(self, req: EngineRequest) -> None:
+        if not req.prompt:
+            raise EngineError("the prompt is empty")
+        if len(req.prompt) + req.sampling.max_tokens > self.o.max_seq_len:
+            raise EngineError(f"prompt of {len(req.prompt)} tokens + max_tokens {req.sampling.max_tokens} exceeds "
+                              f"the model's context of {self.o.max_seq_len} tokens")
+
+    def _token(self, req: EngineRequest, index: int) -> int:
+        return mock_token(req.prompt, index, self.o.vocab_size)
+
+    def _reason(self, req: EngineRequest, token: int, generated: int) -> str | None:
+        p = req.sampling
+        if token in p.stop_token_ids or (token == self.o.eos_token_id and not p.ignore_eos):
+            return "stop"
+        return "length" if generated >= p.max_tokens else None
+
+    async def _compute_prefill(self, req: EngineRequest, blocks: list[int]) -> None:
+        self._waiting += 1
+        try:
+            async with self._prefill_lock:
+                n = len(req.prompt)
+                await asyncio.sleep(self.o.prefill_overhead_ms / 1000 + n / self.o.prefill_tokens_per_s)
+                fill = mock_token(req.prompt, -1, 256)
+                for b in blocks:  # real bytes for the transfer to move
+                    self.pool[b].fill_(fill)
+                self._prompt_tokens += n
+        finally:
+            self._waiting -= 1
+
+    async def prefill(self, req: EngineRequest) -> PrefillOutput:
+        self._check(req)
+        blocks = self._alloc.allocate(req.request_id, blocks_for(len(req.prompt), self.o.block_size))
+        try:
+            await self._compute_prefill(req, blocks)
+        except BaseException:
+            self._alloc.free_owner(req.request_id)
+            raise
+        first = self._token(req, 0)
+        self._generated_tokens += 1
+        reason = self._reason(req, first, 1)
+        if reason:
+            self._alloc.free_owner(req.request_id)
+            return PrefillOutput(first, reason, [], len(req.prompt))
+        self._held.add(req.request_id)
+        return PrefillOutput(first, None, blocks, len(req.prompt))
+
+    def allocate(self, request_id: str, num_tokens: int, max_new_tokens: int) -> list[int]:
+        return self._alloc.allocate(request_id, blocks_for(num_tokens + max_new_tokens, self.o.block_size))
+
+    def release(self, request_id: str) -> bool:
+        self._held.discard(request_id)
+        return self._alloc.free_owner(request_id) > 0
+
+    def cancel(self, request_id: str) -> None:
+        r = self._running.pop(request_id, None)
+        if r:
+            self._alloc.free_owner(request_id)
+            r.queue.put_nowait(TokenOutput([], "cancelled"))
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]:
+        self._check(req)
+        blocks = self._alloc.allocate(req.request_id,
+                                      blocks_for(len(req.prompt) + req.sampling.max_tokens, self.o.block_size))
+        try:
+            await self._compute_prefill(req, blocks)
+        except BaseException:
+            self._alloc.free_owner(req.request_id)
+            raise
+        first = self._token(req, 0)
+        self._generated_tokens += 1
+        reason = self._reason(req, first, 1)
+        if reason:
+            self._alloc.free_owner(req.request_id)
+            yield TokenOutput([first], reason)
+            return
+        yield TokenOutput([first])
+        async for out in self._decode_stream(req, len(req.prompt) + 1, 1):
+            yield out
+
+    def decode(self, req: EngineRequest, first_token: int, block_ids: list[int],
+               num_tokens: int) -> AsyncIterator[TokenOutput]:
+        self._check(req)
+        return self._decode_stream(req, num_tokens + 1, 1)
+
+    async def _decode_stream(self, req: EngineRequest, context: int, generated: int) -> AsyncIterator[TokenOutput]:
+        r = _Running(req, context, generated)
+        self._running[req.request_id] = r
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                out = await r.queue.get()
+                yield out
+                if out.finish_reason:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.cancel(req.request_id)
+
+    async def _decode_loop(self) -> None:
+        while True:
+            if not self._running:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch = list(self._running.values())[: self.o.max_batch_size]
+            context = sum(r.context for r in batch)
+            await asyncio.sleep((self.o.decode_step_ms + self.o.decode_ms_per_sequence * len(batch)
+                                 + self.o.decode_ms_per_1k_context * context / 1000) / 1000)
+            for r in batch:
+                if r.req.request_id not in self._running:
+                    continue
+                token = self._token(r.req, r.generated)
+                r.generated += 1
+                r.context += 1
+                self._generated_tokens += 1
+                reason = self._reason(r.req, token, r.generated)
+                if reason:
+                    self._running.pop(r.req.request_id, None)
+                    self._alloc.free_owner(r.req.request_id)
+                r.queue.put_nowait(TokenOutput([token], reason))
+
+    def stats(self) -> EngineStats:
+        return EngineStats(self._waiting, len(self._running), len(self._held), self.o.num_blocks, self._alloc.free,
+                           self._prompt_tokens, self._generated_tokens)

@@ -1,0 +1,139 @@
+"""Sends a request through a deployment: to an aggregated worker, or to a prefill worker and then a decode worker
+with the KV handle. Used by the frontend, `hpc bench` and the tests.
+
+Every wait has a deadline, and a request waiting on a worker that leaves etcd fails at once (PeerGone) instead of
+waiting out its timeout. A consumer that stops early cancels the request on the workers."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from typing import AsyncIterator, Callable
+
+from hpc.runtime import discovery
+from hpc.runtime.discovery import WorkerDirectory
+from hpc.runtime.messaging import Bus
+from hpc.runtime.protocol import (ErrorReply, GenerateRequest, Keys, PrefillResult, Sampling, StatsRequest, Subjects,
+                                  TokenDelta, WorkerInfo, WorkerStats, decode_reply, encode)
+
+
+class ServingError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class NoWorkers(ServingError):
+    def __init__(self, message: str):
+        super().__init__("unavailable", message)
+
+
+Chooser = Callable[[str, list[WorkerInfo], GenerateRequest], WorkerInfo]
+
+
+class RoundRobin:
+    def __init__(self):
+        self._counters: dict[str, itertools.count] = {}
+
+    def __call__(self, role: str, workers: list[WorkerInfo], req: GenerateRequest) -> WorkerInfo:
+        n = next(self._counters.setdefault(role, itertools.count()))
+        return workers[n % len(workers)]
+
+
+class ServingClient:
+    def __init__(self, deployment: str, etcd_url: str, nats_url: str, choose: Chooser | None = None,
+                 first_token_timeout: float = 600.0, idle_timeout: float = 60.0):
+        self.deployment = deployment
+        self.etcd_url, self.nats_url = etcd_url, nats_url
+        self.subjects = Subjects(deployment)
+        self.choose = choose or RoundRobin()
+        self.first_token_timeout = first_token_timeout
+        self.idle_timeout = idle_timeout
+
+    async def start(self) -> "ServingClient":
+        self.bus = await Bus.connect(self.nats_url, f"client-{uuid.uuid4().hex[:6]}")
+        self.etcd = await discovery.connect(self.etcd_url)
+        self.directory = WorkerDirectory(self.etcd, Keys(self.deployment).workers)
+        await self.directory.start()
+        return self
+
+    async def close(self) -> None:
+        await self.directory.stop()
+        await self.bus.close()
+        await self.etcd.close()
+
+    async def __aenter__(self):
+        return await self.start()
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    def models(self) -> set[str]:
+        return self.directory.models()
+
+    def _pick(self, role: str, req: GenerateRequest) -> WorkerInfo | None:
+        workers = self.directory.by_role(role, req.model)
+        return self.choose(role, workers, req) if workers else None
+
+    async def generate(self, model: str, token_ids: list[int], sampling: Sampling = Sampling(),
+                       request_id: str | None = None) -> AsyncIterator[TokenDelta]:
+        req = GenerateRequest(request_id or uuid.uuid4().hex, model, list(token_ids), sampling)
+        agg = self._pick("aggregated", req)
+        if agg is not None:
+            stream = self._stream(agg, req)
+        else:
+            stream = self._disaggregated(req)
+        finished = False
+        try:
+            async for delta in stream:
+                yield delta
+                if delta.finish_reason:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the consumer left early, or an error: stop the work on the workers
+                await self.bus.publish(self.subjects.cancel(req.request_id), b"")
+
+    async def _disaggregated(self, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        prefill = self._pick("prefill", req)
+        if prefill is None:
+            raise NoWorkers(f"no prefill worker serves model {req.model!r}" if self.directory.by_role("decode", req.model)
+                            else f"no worker serves model {req.model!r}")
+        result = None
+        async for reply in self._replies(prefill, req):
+            result = reply
+            break
+        if not isinstance(result, PrefillResult):
+            raise ServingError("internal", f"prefill worker {prefill.worker_id} sent {type(result).__name__}")
+        yield TokenDelta(req.request_id, [result.first_token], result.finish_reason)
+        if result.finish_reason:
+            return
+        decode = self._pick("decode", req)
+        if decode is None:
+            raise NoWorkers(f"no decode worker serves model {req.model!r}")
+        follow = GenerateRequest(req.request_id, req.model, req.token_ids, req.sampling, first_token=result.first_token,
+                                 kv=result.kv, prefill_worker=prefill.worker_id, disagg_params=result.disagg_params)
+        async for delta in self._stream(decode, follow):
+            yield delta
+
+    async def _stream(self, worker: WorkerInfo, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        async for reply in self._replies(worker, req):
+            if not isinstance(reply, TokenDelta):
+                raise ServingError("internal", f"worker {worker.worker_id} sent {type(reply).__name__}")
+            yield reply
+            if reply.finish_reason:
+                return
+
+    async def _replies(self, worker: WorkerInfo, req: GenerateRequest):
+        gone = self.directory.gone_event(worker.worker_id)
+        async for data in self.bus.stream(worker.subject, encode(req), self.first_token_timeout, self.idle_timeout,
+                                          gone=gone):
+            reply = decode_reply(data)
+            if isinstance(reply, ErrorReply):
+                raise ServingError(reply.code, f"{worker.role} worker {worker.worker_id}: {reply.message}")
+            yield reply
+
+    async def stats(self, worker: WorkerInfo, timeout: float = 5.0) -> WorkerStats:
+        reply = decode_reply(await self.bus.request(worker.subject, encode(StatsRequest()), timeout))
+        assert isinstance(reply, WorkerStats)
+        return reply

@@ -1,0 +1,166 @@
+"""etcd discovery: registrations kept alive under a lease, and a live directory of workers from a watch.
+
+A worker that dies stops refreshing its lease; etcd deletes its keys after the TTL and every watcher hears it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+from urllib.parse import urlparse
+
+import aetcd
+
+from hpc.errors import HpcError
+from hpc.runtime.protocol import WorkerInfo, decode_worker_info
+
+log = logging.getLogger(__name__)
+
+
+def etcd_client(url: str, timeout: float = 5.0) -> aetcd.Client:
+    u = urlparse(url if "://" in url else f"http://{url}")
+    return aetcd.Client(host=u.hostname or "127.0.0.1", port=u.port or 2379, timeout=timeout)
+
+
+async def connect(url: str, timeout: float = 5.0) -> aetcd.Client:
+    client = etcd_client(url, timeout)
+    try:
+        await asyncio.wait_for(client.get(b"/hpc/ping"), timeout)
+    except Exception as e:
+        await client.close()
+        raise HpcError(f"cannot reach etcd at {url}: {e or type(e).__name__}") from None
+    return client
+
+
+class Registration:
+    """Keys attached to one lease, refreshed every ttl/3. If the lease is lost (etcd restarted, a long pause),
+    a new one is granted and the keys are written again."""
+
+    def __init__(self, client: aetcd.Client, items: dict[str, bytes], ttl: int):
+        self.client, self.items, self.ttl = client, items, ttl
+        self.lease = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self._put_all()
+        self._task = asyncio.create_task(self._keepalive())
+
+    async def _put_all(self) -> None:
+        self.lease = await asyncio.wait_for(self.client.lease(self.ttl), 5)
+        for key, value in self.items.items():
+            await asyncio.wait_for(self.client.put(key.encode(), value, lease=self.lease), 5)
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                reply = await asyncio.wait_for(self.lease.refresh(), 5)
+                if reply is None or reply.TTL <= 0:
+                    log.warning("etcd lease %x expired; registering again", self.lease.id)
+                    await self._put_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # etcd unreachable for now: keep trying; the lease may still hold
+                log.warning("etcd keepalive failed: %s", e)
+
+    async def update(self, key: str, value: bytes) -> None:
+        self.items[key] = value
+        await asyncio.wait_for(self.client.put(key.encode(), value, lease=self.lease), 5)
+
+    async def revoke(self) -> None:
+        if self._task:
+            self._task.cancel()
+        if self.lease is not None:
+            try:
+                await asyncio.wait_for(self.lease.revoke(), 5)
+            except Exception as e:
+                log.warning("could not revoke the etcd lease (it will expire by itself): %s", e)
+
+
+class WorkerDirectory:
+    """The live set of workers of a deployment: a snapshot, then a watch; re-synced after any watch failure."""
+
+    def __init__(self, client: aetcd.Client, prefix: str):
+        self.client, self.prefix = client, prefix
+        self.workers: dict[str, WorkerInfo] = {}
+        self._gone: dict[str, asyncio.Event] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._task: asyncio.Task | None = None
+        self.synced = asyncio.Event()
+
+    async def start(self) -> None:
+        await self._sync()
+        self._task = asyncio.create_task(self._run())
+
+    def on_change(self, fn: Callable[[], None]) -> None:
+        self._listeners.append(fn)
+
+    def gone_event(self, worker_id: str) -> asyncio.Event:
+        """Set when the worker leaves; requests waiting on it fail at once instead of at their timeout."""
+        ev = self._gone.setdefault(worker_id, asyncio.Event())
+        if not any(w.worker_id == worker_id for w in self.workers.values()):
+            ev.set()
+        return ev
+
+    def by_role(self, role: str, model: str | None = None) -> list[WorkerInfo]:
+        return sorted((w for w in self.workers.values() if w.role == role and (model is None or w.model == model)),
+                      key=lambda w: w.worker_id)
+
+    def models(self) -> set[str]:
+        return {w.model for w in self.workers.values()}
+
+    async def _sync(self) -> int:
+        result = await asyncio.wait_for(self.client.get_prefix(self.prefix.encode()), 5)
+        fresh = {}
+        for kv in result:
+            try:
+                info = decode_worker_info(kv.value)
+            except Exception:
+                log.warning("ignoring malformed registration %s", kv.key)
+                continue
+            fresh[kv.key.decode()] = info
+        self._replace(fresh)
+        self.synced.set()
+        return result.header.revision if result.header else 0
+
+    def _replace(self, fresh: dict[str, WorkerInfo]) -> None:
+        before = {w.worker_id for w in self.workers.values()}
+        self.workers = fresh
+        after = {w.worker_id for w in fresh.values()}
+        for wid in before - after:
+            self._gone.setdefault(wid, asyncio.Event()).set()
+        for wid in after:
+            if wid in self._gone and self._gone[wid].is_set():
+                self._gone.pop(wid)
+        for fn in self._listeners:
+            fn()
+
+    async def _run(self) -> None:
+        revision = None
+        while True:
+            try:
+                if revision is None:
+                    revision = await self._sync()
+                watch = await self.client.watch_prefix(self.prefix.encode(), start_revision=revision + 1)
+                async for event in watch:
+                    fresh = dict(self.workers)
+                    key = event.kv.key.decode()
+                    if event.kind == "PUT":
+                        try:
+                            fresh[key] = decode_worker_info(event.kv.value)
+                        except Exception:
+                            continue
+                    else:
+                        fresh.pop(key, None)
+                    revision = event.kv.mod_revision
+                    self._replace(fresh)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("etcd watch on %s failed (%s); re-syncing", self.prefix, e)
+                revision = None
+                await asyncio.sleep(0.5)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()

@@ -1,0 +1,35 @@
+"""Prometheus metrics of a worker, served over HTTP on a free port (published in its etcd registration)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from hpc.procs import free_port
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class WorkerMetrics:
+    def __init__(self, role: str, worker_id: str):
+        self.registry = r = CollectorRegistry()
+        labels = {"role": role, "worker": worker_id}
+        self.requests = Counter("hpc_worker_requests", "Requests by outcome", ["status"], registry=r)
+        self.queue_depth = Gauge("hpc_worker_queue_depth", "Requests waiting for prefill", registry=r)
+        self.running = Gauge("hpc_worker_running", "Requests decoding", registry=r)
+        self.kv_blocks_free = Gauge("hpc_worker_kv_blocks_free", "Free KV blocks", registry=r)
+        self.batch_size = Histogram("hpc_worker_batch_size", "Running requests per engine step", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.prefill_seconds = Histogram("hpc_prefill_seconds", "Prefill time per request", registry=r,
+                                         buckets=LATENCY_BUCKETS)
+        self.kv_bytes = Counter("hpc_kv_transfer_bytes", "KV bytes pulled from prefill workers", registry=r)
+        self.kv_seconds = Histogram("hpc_kv_transfer_seconds", "KV transfer time", ["path"], registry=r,
+                                    buckets=LATENCY_BUCKETS)
+        self.kv_gbps = Gauge("hpc_kv_transfer_gbps", "GB/s of the last KV transfer", ["path"], registry=r)
+        self.tokens = Counter("hpc_generated_tokens", "Tokens generated", registry=r)
+        self.info = Gauge("hpc_worker_info", "Worker identity", list(labels), registry=r)
+        self.info.labels(**labels).set(1)
+
+    def serve(self, host: str = "0.0.0.0", port: int = 0) -> int:
+        port = port or free_port()
+        start_http_server(port, addr=host, registry=self.registry)
+        return port

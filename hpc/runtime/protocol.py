@@ -1,0 +1,193 @@
+"""The wire protocol: msgspec structs, encoded as msgpack on NATS and as JSON in etcd. Token ids, never pickles.
+
+Versioned: a worker or frontend that sees a newer PROTOCOL_VERSION than it knows refuses the message clearly."""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class Sampling(msgspec.Struct, frozen=True, omit_defaults=True):
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+
+
+class KvLayout(msgspec.Struct, frozen=True):
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_bytes: int
+
+
+class CudaIpc(msgspec.Struct, frozen=True):
+    """Enough to map a peer's pool within one node (torch's CUDA IPC handle of the pool's storage)."""
+
+    device_uuid: str
+    handle: list  # the fields of torch's storage IPC share, bytes and ints
+
+
+class KvHandle(msgspec.Struct, frozen=True):
+    """Where a request's prefilled KV lives: the prefill worker's NIXL agent and the blocks to read."""
+
+    agent: str
+    agent_metadata: bytes  # NIXL metadata, so the reader can connect without a second round trip
+    host: str
+    mem_type: Literal["DRAM", "VRAM"]
+    device_id: int
+    pool_addr: int
+    block_ids: list[int]
+    num_tokens: int
+    layout: KvLayout
+    cuda_ipc: CudaIpc | None = None
+
+
+class MultimodalPart(msgspec.Struct, frozen=True):
+    kind: Literal["image_url", "embedding"]
+    url: str | None = None
+    embedding: KvHandle | None = None
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, tag="generate"):
+    request_id: str
+    model: str
+    token_ids: list[int]
+    sampling: Sampling = Sampling()
+    # Set by the router for a decode worker: the prefill result to continue from.
+    first_token: int | None = None
+    kv: KvHandle | None = None
+    prefill_worker: str | None = None
+    multimodal: list[MultimodalPart] = []
+    # TensorRT-LLM's opaque DisaggregatedParams, carried as they are between its prefill and decode workers.
+    disagg_params: bytes | None = None
+    version: int = PROTOCOL_VERSION
+
+
+class PrefillResult(msgspec.Struct, frozen=True, tag="prefill"):
+    request_id: str
+    first_token: int
+    prompt_tokens: int
+    finish_reason: str | None = None  # set when the first token already ends the request (no KV is held)
+    kv: KvHandle | None = None
+    disagg_params: bytes | None = None
+
+
+class TokenDelta(msgspec.Struct, frozen=True, tag="tokens"):
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+
+
+class ErrorReply(msgspec.Struct, frozen=True, tag="error"):
+    request_id: str
+    code: Literal["bad_request", "unavailable", "timeout", "layout_mismatch", "internal", "cancelled"]
+    message: str
+
+
+class StatsRequest(msgspec.Struct, frozen=True, tag="stats"):
+    pass
+
+
+class WorkerStats(msgspec.Struct, frozen=True, tag="worker_stats"):
+    worker_id: str
+    role: str
+    waiting: int
+    running: int
+    held: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    in_flight: int
+    kv_transfers: int = 0
+    kv_bytes: int = 0
+    kv_seconds: float = 0.0
+
+
+Request = Union[GenerateRequest, StatsRequest]
+Reply = Union[PrefillResult, TokenDelta, ErrorReply, WorkerStats]
+
+
+class WorkerInfo(msgspec.Struct, frozen=True):
+    """What a worker registers in etcd at /hpc/<deployment>/workers/<role>/<id>, under its lease."""
+
+    worker_id: str
+    role: str
+    model: str
+    deployment: str
+    subject: str
+    host: str
+    engine: str
+    mpi_size: int = 1
+    gpus: list[str] = []
+    nixl_agent: str | None = None
+    layout: KvLayout | None = None
+    max_batch_size: int = 0
+    metrics_url: str | None = None
+    version: int = PROTOCOL_VERSION
+
+
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_request(data: bytes) -> GenerateRequest | StatsRequest:
+    return _request_decoder.decode(data)
+
+
+def decode_reply(data: bytes) -> PrefillResult | TokenDelta | ErrorReply | WorkerStats:
+    return _reply_decoder.decode(data)
+
+
+def encode_json(msg) -> bytes:
+    return msgspec.json.encode(msg)
+
+
+def decode_worker_info(data: bytes) -> WorkerInfo:
+    return msgspec.json.decode(data, type=WorkerInfo)
+
+
+class Subjects:
+    """NATS subjects of one deployment."""
+
+    def __init__(self, deployment: str):
+        self.prefix = f"hpc.{deployment}"
+
+    def worker(self, role: str, worker_id: str) -> str:
+        return f"{self.prefix}.{role}.{worker_id}.generate"
+
+    def cancel(self, request_id: str) -> str:
+        return f"{self.prefix}.cancel.{request_id}"
+
+    def cancel_all(self) -> str:
+        return f"{self.prefix}.cancel.*"
+
+
+class Keys:
+    """etcd keys of one deployment."""
+
+    def __init__(self, deployment: str):
+        self.root = f"/hpc/{deployment}/"
+
+    def worker(self, role: str, worker_id: str) -> str:
+        return f"{self.root}workers/{role}/{worker_id}"
+
+    def model(self, model: str, worker_id: str) -> str:
+        return f"{self.root}models/{model}/{worker_id}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.root}workers/"

@@ -1,0 +1,1 @@
+"""Worker processes: `python -m workers --role aggregated|prefill|decode --engine torch|mocker|trtllm ...`."""

@@ -1,0 +1,78 @@
+"""python -m workers --role ROLE --engine ENGINE --deployment NAME --model PATH --etcd URL --nats URL ...
+
+With --config DEPLOYMENT.yaml, the model, served name, engine, engine YAML and transfer settings come from the
+deployment (command-line values win)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from engines.base import EngineError
+from hpc.config import EngineConfig, load_deployment, load_engine_config
+from hpc.errors import HpcError
+from workers.worker import Worker, WorkerOptions
+
+
+def parse(argv=None) -> WorkerOptions:
+    p = argparse.ArgumentParser(prog="python -m workers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--role", required=True, choices=["aggregated", "prefill", "decode"])
+    p.add_argument("--config", help="deployment YAML to take defaults from")
+    p.add_argument("--engine", choices=["torch", "mocker", "trtllm"])
+    p.add_argument("--deployment")
+    p.add_argument("--model", help="model directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--served-name")
+    p.add_argument("--engine-config", help="engine YAML (TensorRT-LLM LLM-API field names)")
+    p.add_argument("--etcd", default=os.environ.get("HPC_ETCD"), help="etcd URL (env HPC_ETCD)")
+    p.add_argument("--nats", default=os.environ.get("HPC_NATS"), help="NATS URL (env HPC_NATS)")
+    p.add_argument("--worker-id", default="")
+    p.add_argument("--host", default="", help="host name peers use for this worker")
+    p.add_argument("--lease-ttl", type=int, default=5)
+    p.add_argument("--metrics-port", type=int, default=0, help="0: a free port, -1: no metrics server")
+    p.add_argument("--transfer-timeout", type=float)
+    p.add_argument("--release-after", type=float)
+    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument("--intra-node", choices=["auto", "nixl", "cuda-ipc"])
+    p.add_argument("--random-weights", action="store_true", help="random weights from config.json (benchmarks)")
+    a = p.parse_args(argv)
+    dep = load_deployment(a.config) if a.config else None
+    spec = getattr(dep.workers, a.role) if dep else None
+    if dep and spec is None:
+        p.error(f"{a.config} has no workers.{a.role}")
+    engine_config = (load_engine_config(a.engine_config) if a.engine_config
+                     else dep.engine_config(a.role) if dep else EngineConfig())
+    missing = [name for name, value in (("--engine", a.engine or (spec and spec.engine)),
+                                        ("--deployment", a.deployment or (dep and dep.name)),
+                                        ("--model", a.model or (dep and dep.model.path)),
+                                        ("--etcd", a.etcd), ("--nats", a.nats)) if not value]
+    if missing:
+        p.error(f"missing {', '.join(missing)} (or give --config)")
+    model = a.model or dep.model.path
+    return WorkerOptions(
+        role=a.role, engine=a.engine or spec.engine, deployment=a.deployment or dep.name, model_path=model,
+        served_name=a.served_name or (dep.model.name if dep else os.path.basename(model.rstrip("/"))),
+        etcd=a.etcd, nats=a.nats, engine_config=engine_config, worker_id=a.worker_id, host=a.host,
+        lease_ttl=a.lease_ttl, metrics_port=a.metrics_port,
+        transfer_timeout=a.transfer_timeout or (dep.transfer.timeout_s if dep else 30.0),
+        release_after=a.release_after or (dep.transfer.release_after_s if dep else 60.0),
+        drain_timeout=a.drain_timeout, intra_node=a.intra_node or (dep.transfer.intra_node if dep else "auto"),
+        random_weights=a.random_weights)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=os.environ.get("HPC_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        options = parse(argv)
+        asyncio.run(Worker(options).run())
+    except (HpcError, EngineError) as e:  # bad config, unreachable service, bad model directory
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Builds the engine a worker wraps from the engine YAML (TensorRT-LLM field names)."""
+
+from __future__ import annotations
+
+from hpc.config import EngineConfig
+from hpc.errors import HpcError
+
+
+def build_engine(name: str, model_path: str, cfg: EngineConfig, random_weights: bool = False):
+    if name == "torch":
+        from engines.torch.engine import TorchEngine, TorchEngineOptions
+
+        return TorchEngine(model_path, TorchEngineOptions(
+            device=cfg.device, dtype=cfg.dtype, block_size=cfg.kv_cache_config.tokens_per_block,
+            num_blocks=cfg.num_kv_blocks, free_gpu_memory_fraction=cfg.kv_cache_config.free_gpu_memory_fraction or 0.5,
+            max_num_tokens=cfg.max_num_tokens, max_batch_size=cfg.max_batch_size,
+            enable_chunked_prefill=cfg.enable_chunked_prefill, random_weights=random_weights))
+    if name == "mocker":
+        from engines.mocker import MockerEngine, MockerOptions
+
+        t = cfg.mocker
+        timing = t.model_dump() if t is not None else {}
+        return MockerEngine(MockerOptions(**timing, block_size=cfg.kv_cache_config.tokens_per_block,
+                                          num_blocks=cfg.num_kv_blocks or 4096, max_batch_size=cfg.max_batch_size))
+    if name == "trtllm":
+        raise HpcError("engine trtllm: TensorRT-LLM is not installed in this environment (it runs in NVIDIA's "
+                       "TensorRT-LLM container; `pip install hpc[trtllm]` there)")
+    raise HpcError(f"unknown engine {name!r} (expected torch, mocker or trtllm)")

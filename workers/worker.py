@@ -1,0 +1,260 @@
+"""A worker: one engine, registered in etcd, serving a NATS subject, moving KV with NIXL.
+
+Roles: aggregated (prompt to last token), prefill (first token + a KV handle; blocks held until the decode worker
+says it has read them, or a timeout), decode (pulls the KV named in the request, then streams tokens)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from engines.base import EngineError, EngineRequest, KvLayout as EngineLayout, SamplingParams
+from hpc.config import EngineConfig
+from hpc.runtime import discovery
+from hpc.runtime.messaging import Bus
+from hpc.runtime.metrics import WorkerMetrics
+from hpc.runtime.protocol import (PROTOCOL_VERSION, ErrorReply, GenerateRequest, Keys, KvLayout, PrefillResult,
+                                  StatsRequest, Subjects, TokenDelta, WorkerInfo, WorkerStats, decode_request,
+                                  encode, encode_json)
+from hpc.runtime.transfer import KvTransfer, TransferError, ensure_cuda_context
+from workers.engines import build_engine
+
+log = logging.getLogger("workers")
+
+
+@dataclass
+class WorkerOptions:
+    role: str
+    engine: str
+    deployment: str
+    model_path: str
+    served_name: str
+    etcd: str
+    nats: str
+    engine_config: EngineConfig = field(default_factory=EngineConfig)
+    worker_id: str = ""
+    host: str = ""
+    lease_ttl: int = 5
+    metrics_port: int = 0  # 0: a free port; -1: none
+    transfer_timeout: float = 30.0
+    release_after: float = 60.0
+    drain_timeout: float = 30.0
+    intra_node: str = "auto"
+    random_weights: bool = False
+
+    def __post_init__(self):
+        self.host = self.host or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        self.worker_id = self.worker_id or f"{self.role}-{self.host}-{os.getpid()}"
+
+
+def wire_layout(layout: EngineLayout) -> KvLayout:
+    return KvLayout(layout.dtype, layout.block_size, layout.num_layers, layout.num_kv_heads, layout.head_dim,
+                    layout.block_bytes)
+
+
+def engine_layout(layout: KvLayout) -> EngineLayout:
+    return EngineLayout(layout.dtype, layout.block_size, layout.num_layers, layout.num_kv_heads, layout.head_dim,
+                        layout.block_bytes)
+
+
+class Worker:
+    def __init__(self, o: WorkerOptions):
+        self.o = o
+        self.subjects = Subjects(o.deployment)
+        self.keys = Keys(o.deployment)
+        self.metrics = WorkerMetrics(o.role, o.worker_id)
+        self.stopping = asyncio.Event()
+        self.held: dict[str, float] = {}  # prefill: request id -> when its blocks are freed regardless
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.transfer: KvTransfer | None = None
+
+    async def run(self) -> None:
+        o = self.o
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        if o.engine == "torch" and o.engine_config.device != "cpu":
+            import torch
+
+            if torch.cuda.is_available():
+                ensure_cuda_context(torch.cuda.current_device())  # before the NIXL agent: see transfer.py
+        self.engine = build_engine(o.engine, o.model_path, o.engine_config, o.random_weights)
+        self.engine.start(loop)
+        if o.role in ("prefill", "decode"):
+            self.transfer = KvTransfer(f"{o.deployment}.{o.worker_id}", self.engine.kv_pool(),
+                                       wire_layout(self.engine.layout), o.host, o.intra_node)
+        self.bus = await Bus.connect(o.nats, o.worker_id)
+        self.etcd = await discovery.connect(o.etcd)
+        subject = self.subjects.worker(o.role, o.worker_id)
+        await self.bus.serve(subject, self.handle)
+        self.cancel_sub = await self.bus.subscribe(self.subjects.cancel_all(), self.on_cancel)
+        metrics_url = None
+        if o.metrics_port >= 0:
+            port = self.metrics.serve(port=o.metrics_port)
+            metrics_url = f"http://{o.host}:{port}/metrics"
+        info = WorkerInfo(worker_id=o.worker_id, role=o.role, model=o.served_name, deployment=o.deployment,
+                          subject=subject, host=o.host, engine=o.engine,
+                          gpus=[g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g],
+                          nixl_agent=self.transfer.name if self.transfer else None,
+                          layout=wire_layout(self.engine.layout), max_batch_size=o.engine_config.max_batch_size,
+                          metrics_url=metrics_url)
+        self.registration = discovery.Registration(self.etcd, {
+            self.keys.worker(o.role, o.worker_id): encode_json(info),
+            self.keys.model(o.served_name, o.worker_id): encode_json(info)}, o.lease_ttl)
+        await self.registration.start()
+        housekeeping = asyncio.create_task(self.housekeeping())
+        log.info("ready: %s %s serving %s on %s", o.role, o.worker_id, o.served_name, subject)
+        print(f"HPC_WORKER_READY {o.worker_id}", flush=True)
+        await self.stopping.wait()
+        await self.drain()
+        housekeeping.cancel()
+
+    async def drain(self) -> None:
+        """Leave etcd first (no new requests are routed here), then finish in-flight work within the deadline."""
+        log.info("draining %s", self.o.worker_id)
+        await self.registration.revoke()
+        await self.bus.stop_serving()
+        left = await self.bus.drain_handlers(self.o.drain_timeout)
+        if left:
+            log.warning("%d requests still running after %g s; cancelled", left, self.o.drain_timeout)
+        self.engine.shutdown()
+        if self.transfer:
+            self.transfer.close()
+        await self.bus.close()
+        await self.etcd.close()
+
+    async def housekeeping(self) -> None:
+        """Frees prefilled blocks once read (NIXL notification) or once too old; refreshes load gauges."""
+        while True:
+            await asyncio.sleep(0.002 if self.held else 0.05)
+            if self.transfer:
+                for rid in self.transfer.released():
+                    self.held.pop(rid, None)
+                    self.engine.release(rid)
+            now = time.monotonic()
+            for rid, deadline in list(self.held.items()):
+                if now > deadline:
+                    log.warning("request %s: KV blocks never read; freeing them after %g s", rid,
+                                self.o.release_after)
+                    self.held.pop(rid)
+                    self.engine.release(rid)
+            s = self.engine.stats()
+            self.metrics.queue_depth.set(s.waiting)
+            self.metrics.running.set(s.running)
+            self.metrics.kv_blocks_free.set(s.kv_blocks_free)
+
+    async def on_cancel(self, msg) -> None:
+        rid = msg.subject.rsplit(".", 1)[-1]
+        task = self.tasks.get(rid)
+        if task:
+            task.cancel()
+        if rid in self.held:
+            self.held.pop(rid)
+            self.engine.release(rid)
+        self.engine.cancel(rid)
+
+    async def handle(self, data: bytes, reply) -> None:
+        try:
+            req = decode_request(data)
+        except Exception as e:
+            log.warning("undecodable request: %s", e)
+            return
+        if isinstance(req, StatsRequest):
+            await reply(encode(self.stats()))
+            return
+        rid = req.request_id
+        self.tasks[rid] = asyncio.current_task()
+        status = "ok"
+        try:
+            if req.version > PROTOCOL_VERSION:
+                raise _Reply("bad_request", f"protocol version {req.version}; this worker speaks {PROTOCOL_VERSION}")
+            if req.model != self.o.served_name:
+                raise _Reply("bad_request", f"model {req.model!r} is not served here ({self.o.served_name!r})")
+            handler = {"aggregated": self.serve_aggregated, "prefill": self.serve_prefill,
+                       "decode": self.serve_decode}[self.o.role]
+            await handler(req, reply)
+        except _Reply as e:
+            status = e.code
+            await reply(encode(ErrorReply(rid, e.code, e.message)))
+        except EngineError as e:
+            status = "bad_request"
+            await reply(encode(ErrorReply(rid, "bad_request", str(e))))
+        except asyncio.CancelledError:
+            status = "cancelled"
+        except Exception as e:
+            status = "internal"
+            log.exception("request %s failed", rid)
+            await reply(encode(ErrorReply(rid, "internal", f"{type(e).__name__}: {e}")))
+        finally:
+            self.tasks.pop(rid, None)
+            self.metrics.requests.labels(status).inc()
+
+    @staticmethod
+    def engine_request(req: GenerateRequest) -> EngineRequest:
+        s = req.sampling
+        return EngineRequest(req.request_id, list(req.token_ids), SamplingParams(
+            s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, tuple(s.stop_token_ids), s.ignore_eos))
+
+    async def _stream(self, rid: str, outputs, reply) -> None:
+        async for out in outputs:
+            if out.error:
+                raise _Reply("internal", out.error)
+            self.metrics.tokens.inc(len(out.token_ids))
+            await reply(encode(TokenDelta(rid, out.token_ids, out.finish_reason)))
+
+    async def serve_aggregated(self, req: GenerateRequest, reply) -> None:
+        await self._stream(req.request_id, self.engine.generate(self.engine_request(req)), reply)
+
+    async def serve_prefill(self, req: GenerateRequest, reply) -> None:
+        t0 = time.perf_counter()
+        out = await self.engine.prefill(self.engine_request(req))
+        self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
+        kv = None
+        if out.finish_reason is None:
+            kv = self.transfer.handle(out.block_ids, out.num_tokens)
+            self.held[req.request_id] = time.monotonic() + self.o.release_after
+        self.metrics.tokens.inc()
+        await reply(encode(PrefillResult(req.request_id, out.first_token, out.num_tokens, out.finish_reason, kv)))
+
+    async def serve_decode(self, req: GenerateRequest, reply) -> None:
+        kv, rid = req.kv, req.request_id
+        if kv is None or req.first_token is None:
+            raise _Reply("bad_request", "a decode request needs the prefill result (kv and first_token)")
+        mismatch = self.engine.layout.mismatch(engine_layout(kv.layout))
+        if mismatch:
+            raise _Reply("layout_mismatch", f"the prefill worker's KV layout does not fit this decode worker: "
+                                            f"{mismatch}")
+        blocks = self.engine.allocate(rid, kv.num_tokens, req.sampling.max_tokens)
+        try:
+            result = await self.transfer.read(kv, blocks[: len(kv.block_ids)], rid, self.o.transfer_timeout)
+        except (TransferError, asyncio.CancelledError) as e:
+            self.engine.release(rid)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise _Reply("internal", f"KV transfer failed: {e}") from None
+        except BaseException:
+            self.engine.release(rid)
+            raise
+        self.metrics.kv_bytes.inc(result.bytes)
+        self.metrics.kv_seconds.labels(result.path).observe(result.seconds)
+        self.metrics.kv_gbps.labels(result.path).set(result.gbps)
+        await self._stream(rid, self.engine.decode(self.engine_request(req), req.first_token, blocks,
+                                                   kv.num_tokens), reply)
+
+    def stats(self) -> WorkerStats:
+        s = self.engine.stats()
+        t = self.transfer
+        return WorkerStats(self.o.worker_id, self.o.role, s.waiting, s.running, s.held, s.kv_blocks_total,
+                           s.kv_blocks_free, self.bus.in_flight - 1, t.transfers if t else 0,
+                           t.bytes_moved if t else 0, t.seconds if t else 0.0)
+
+
+class _Reply(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
