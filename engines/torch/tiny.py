@@ -74,7 +74,9 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 512, s
             fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
             save_file(part, str(out / fname))
             weight_map.update({n: fname for n in part})
-        (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=2))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return out
 
 

@@ -112,6 +112,8 @@ class Bus:
                         break
                     except NatsTimeout:
                         continue
+                if msg.headers and msg.headers.get("Status") == "503":  # the server says: no subscriber
+                    raise PeerGone(f"nothing serves {subject}")
                 yield msg.data
                 timeout = idle_timeout
         finally:

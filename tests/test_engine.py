@@ -1,0 +1,162 @@
+"""The reference engine against Hugging Face transformers on the same weights, and its scheduler's invariants."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from engines.base import BlockAllocator, EngineError, EngineRequest, KvLayout, SamplingParams
+from engines.sampling import sample
+from engines.torch.engine import TorchEngine, TorchEngineOptions
+from engines.torch.loader import load_model
+from engines.torch.model import SeqBatch
+from engines.torch.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("m") / "tiny", seed=3)
+
+
+def full_forward(model, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """Logits at every position, computing the prompt in the given chunk sizes through the paged pool."""
+    bs, pool = 16, torch.zeros((8,) + model.kv_block_shape(16))
+    table = torch.tensor([5, 2, 7, 0])  # deliberately scattered blocks
+    out, start = [], 0
+    for n in chunks:
+        pos = torch.arange(start, start + n)
+        out.append(model(ids[start:start + n], pos, [SeqBatch(0, n, start, table)], pool, table[pos // bs], pos % bs,
+                         torch.arange(n)))
+        start += n
+    return torch.cat(out)
+
+
+def test_logits_match_transformers(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    ours = load_model(model_dir, torch.device("cpu"))
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (50,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0]
+    assert torch.allclose(full_forward(ours, ids, [50]), expected, atol=1e-5)
+    assert torch.allclose(full_forward(ours, ids, [17, 16, 1, 16]), expected, atol=1e-5)  # chunked prefill
+
+
+def test_qwen2_biases_and_sharded_weights_load(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    d = make_tiny_model(tmp_path / "qwen", shards=3, model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                        tie_word_embeddings=True, rope_scaling=None)
+    ours = load_model(d, torch.device("cpu"))
+    assert ours.config.qkv_bias and (d / "model.safetensors.index.json").exists()
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = torch.arange(2, 30)
+    with torch.no_grad():
+        assert torch.allclose(full_forward(ours, ids, [28]), ref(ids[None]).logits[0], atol=1e-5)
+
+
+def test_bad_model_directory_names_the_file(tmp_path):
+    with pytest.raises(EngineError, match="config.json: not found"):
+        load_model(tmp_path, torch.device("cpu"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(EngineError, match="model_type 'gpt2' is not supported"):
+        load_model(tmp_path, torch.device("cpu"))
+
+
+async def collect(stream) -> list[int]:
+    return [t async for out in stream for t in out.token_ids]
+
+
+async def test_greedy_generation_matches_transformers_and_batching(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    engine = TorchEngine(model_dir, TorchEngineOptions(device="cpu", max_num_tokens=48, num_blocks=128))
+    engine.start(asyncio.get_running_loop())
+    try:
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(2, 500, (n,), generator=g).tolist() for n in (1, 9, 33, 120)]
+        sp = SamplingParams(max_tokens=6, ignore_eos=True)
+        sequential = [await collect(engine.generate(EngineRequest(f"s{i}", p, sp))) for i, p in enumerate(prompts)]
+        batched = await asyncio.gather(*(collect(engine.generate(EngineRequest(f"b{i}", p, sp)))
+                                         for i, p in enumerate(prompts)))
+        assert batched == sequential
+        for p, got in zip(prompts, sequential):
+            want = ref.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                pad_token_id=0)[0, len(p):].tolist()
+            assert got == want
+        assert engine.stats().kv_blocks_free == 128
+    finally:
+        engine.shutdown()
+
+
+async def test_prefill_then_decode_equals_generate_and_frees_blocks(model_dir):
+    engine = TorchEngine(model_dir, TorchEngineOptions(device="cpu", num_blocks=64))
+    engine.start(asyncio.get_running_loop())
+    try:
+        prompt, sp = list(range(5, 45)), SamplingParams(max_tokens=7, temperature=0.9, top_p=0.8, seed=11)
+        whole = await collect(engine.generate(EngineRequest("a", prompt, sp)))
+        pre = await engine.prefill(EngineRequest("p", prompt, sp))
+        assert pre.num_tokens == 40 and len(pre.block_ids) == 3 and engine.stats().held == 1
+        blocks = engine.allocate("d", pre.num_tokens, sp.max_tokens)
+        pool = engine.kv_pool()
+        pool[blocks[:3]] = pool[pre.block_ids]
+        assert engine.release("p")
+        rest = await collect(engine.decode(EngineRequest("d", prompt, sp), pre.first_token, blocks, pre.num_tokens))
+        assert [pre.first_token] + rest == whole
+        assert engine.stats().kv_blocks_free == 64 and engine.stats().held == 0
+    finally:
+        engine.shutdown()
+
+
+async def test_cancel_and_limits(model_dir):
+    engine = TorchEngine(model_dir, TorchEngineOptions(device="cpu", num_blocks=64))
+    engine.start(asyncio.get_running_loop())
+    try:
+        with pytest.raises(EngineError, match="exceeds the model's context of 2048"):
+            engine.generate(EngineRequest("x", [3] * 2040, SamplingParams(max_tokens=20)))
+        with pytest.raises(EngineError, match="outside the vocabulary"):
+            engine.generate(EngineRequest("x", [10**6], SamplingParams()))
+        with pytest.raises(EngineError, match="the prompt is empty"):
+            engine.generate(EngineRequest("x", [], SamplingParams()))
+        stream = engine.generate(EngineRequest("c", [3, 4, 5], SamplingParams(max_tokens=1000, ignore_eos=True)))
+        await stream.__anext__()
+        await stream.aclose()  # the consumer leaves: the engine cancels and frees
+        for _ in range(100):
+            if engine.stats().kv_blocks_free == 64:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats().kv_blocks_free == 64 and engine.stats().running == 0
+    finally:
+        engine.shutdown()
+
+
+def test_sampling_is_seeded_per_position():
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    p = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=5)
+    assert [sample(logits, p, i) for i in range(5)] == [sample(logits, p, i) for i in range(5)]
+    assert sample(logits, SamplingParams(temperature=0.7, top_k=1), 0) == int(logits.argmax())
+    top = set(torch.topk(logits, 3).indices.tolist())
+    assert {sample(logits, SamplingParams(temperature=2.0, top_k=3, seed=s), 0) for s in range(50)} <= top
+
+
+def test_allocator_prefers_adjacent_blocks():
+    a = BlockAllocator(10)
+    assert a.allocate("x", 3) == [0, 1, 2]
+    a.allocate("y", 2)
+    a.free_owner("x")
+    assert a.allocate("z", 4) == [5, 6, 7, 8]  # a run, not the scattered 0, 1, 2, 5
+    with pytest.raises(EngineError, match="KV cache full"):
+        a.allocate("w", 10)
+
+
+def test_layout_mismatch_names_the_fields():
+    a = KvLayout("bfloat16", 16, 32, 8, 128, 2 << 20)
+    assert a.mismatch(a) is None
+    b = KvLayout("float32", 32, 32, 8, 128, 2 << 20)
+    msg = a.mismatch(b)
+    assert "dtype: bfloat16 here, float32 in the KV handle" in msg and "block_size: 16 here, 32" in msg

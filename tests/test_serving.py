@@ -1,0 +1,180 @@
+"""Disaggregated serving with real processes: etcd, NATS, NIXL (DRAM), torch engine on CPU.
+
+Prefill and decode workers are separate processes; the KV moves between them through NIXL; the result must be
+token-identical to one aggregated worker."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import msgspec
+import pytest
+
+from harness import MOCKER_YAML, start_worker
+from hpc.runtime.client import ServingClient, ServingError
+from hpc.runtime.messaging import Bus, PeerGone, RequestTimeout
+from hpc.runtime.protocol import GenerateRequest, Sampling, decode_reply, encode
+from hpc.services import start_etcd, start_nats
+
+MODEL = "tiny-llama"
+GREEDY = Sampling(max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model):
+    d = tmp_path_factory.mktemp("stack")
+    etcd, nats = start_etcd(d / "etcd"), start_nats(d / "nats")
+    workers = [start_worker(d / "logs", role, tiny_model, etcd.url, nats.url, dep)
+               for role, dep in (("aggregated", "agg"), ("prefill", "dis"), ("decode", "dis"))]
+    try:
+        for w in workers:
+            w.wait_ready()
+        yield {"etcd": etcd.url, "nats": nats.url, "dir": d, "model": tiny_model}
+    finally:
+        assert all(w.stop() for w in workers)
+        etcd.stop()
+        nats.stop()
+
+
+def prompts(n: int = 20, longest: int = 300) -> list[list[int]]:
+    rng = random.Random(7)
+    lengths = [1, longest] + [rng.randint(2, longest - 1) for _ in range(n - 2)]
+    return [[rng.randint(6, 500) for _ in range(k)] for k in lengths]
+
+
+async def tokens(client: ServingClient, prompt, sampling=GREEDY) -> list[int]:
+    return [t async for d in client.generate(MODEL, prompt, sampling) for t in d.token_ids]
+
+
+async def test_disaggregated_equals_aggregated_and_concurrency(stack):
+    async with ServingClient("agg", stack["etcd"], stack["nats"]) as agg, \
+            ServingClient("dis", stack["etcd"], stack["nats"]) as dis:
+        ps = prompts()
+        aggregated = [await tokens(agg, p) for p in ps]
+        disaggregated = [await tokens(dis, p) for p in ps]
+        assert disaggregated == aggregated
+        assert all(len(t) == GREEDY.max_tokens for t in aggregated)
+        gate = asyncio.Semaphore(8)
+
+        async def bounded(p):
+            async with gate:
+                return await tokens(dis, p)
+
+        assert await asyncio.gather(*(bounded(p) for p in ps)) == aggregated
+        seeded = Sampling(max_tokens=8, temperature=0.8, top_p=0.9, top_k=50, seed=123, ignore_eos=True)
+        assert await tokens(dis, ps[3], seeded) == await tokens(agg, ps[3], seeded)
+        await assert_all_blocks_free(dis)
+
+
+async def assert_all_blocks_free(client: ServingClient) -> None:
+    for _ in range(50):  # the release notification is asynchronous: give it a moment
+        stats = [await client.stats(w) for w in client.directory.workers.values()]
+        if all(s.kv_blocks_free == s.kv_blocks_total and s.held == 0 for s in stats):
+            break
+        await asyncio.sleep(0.05)
+    assert [(s.role, s.kv_blocks_free, s.held) for s in stats] == [(s.role, s.kv_blocks_total, 0) for s in stats]
+    decode = [s for s in stats if s.role == "decode"]
+    assert all(s.kv_transfers > 0 and s.kv_bytes > 0 for s in decode)
+
+
+async def test_layout_mismatch_fails_clearly_and_frees_prefill_blocks(stack):
+    bus = await Bus.connect(stack["nats"], "test")
+    async with ServingClient("dis", stack["etcd"], stack["nats"]) as client:
+        prefill = client.directory.by_role("prefill")[0]
+        decode = client.directory.by_role("decode")[0]
+        req = GenerateRequest("mismatch-1", MODEL, list(range(10, 60)), GREEDY)
+        result = decode_reply(await bus.request(prefill.subject, encode(req), 30))
+        for field, value in (("block_size", 32), ("dtype", "bfloat16"), ("num_layers", 3), ("num_kv_heads", 4)):
+            bad_kv = msgspec.structs.replace(result.kv, layout=msgspec.structs.replace(result.kv.layout,
+                                                                                        **{field: value}))
+            follow = msgspec.structs.replace(req, kv=bad_kv, first_token=result.first_token)
+            reply = decode_reply(await bus.request(decode.subject, encode(follow), 30))
+            assert reply.code == "layout_mismatch" and f"{field}: " in reply.message, reply
+        await bus.publish(client.subjects.cancel(req.request_id), b"")  # the router gives up: blocks freed
+        await assert_all_blocks_free_roles(client, ("prefill", "decode"))
+    await bus.close()
+
+
+async def assert_all_blocks_free_roles(client, roles) -> None:
+    for _ in range(50):
+        stats = [await client.stats(w) for w in client.directory.workers.values() if w.role in roles]
+        if all(s.kv_blocks_free == s.kv_blocks_total for s in stats):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(stats)
+
+
+async def test_bad_requests_get_clear_errors(stack):
+    async with ServingClient("dis", stack["etcd"], stack["nats"]) as client:
+        with pytest.raises(ServingError, match="exceeds the model's context of 2048 tokens") as e:
+            await tokens(client, [7] * 2045)
+        assert e.value.code == "bad_request"
+        with pytest.raises(ServingError, match="no worker serves model 'nope'"):
+            async for _ in client.generate("nope", [1, 2]):
+                pass
+
+
+async def test_killed_prefill_worker_fails_fast_and_leaves_etcd(tmp_path, tiny_model):
+    etcd, nats = start_etcd(tmp_path / "etcd"), start_nats(tmp_path / "nats")
+    slow = tmp_path / "slow.yaml"
+    slow.write_text("mocker: {prefill_tokens_per_s: 50, kv_bytes_per_token: 64}\n")  # 1000 tokens: 20 s
+    prefill = start_worker(tmp_path, "prefill", tiny_model, etcd.url, nats.url, "kill", "mocker", slow)
+    decode = start_worker(tmp_path, "decode", tiny_model, etcd.url, nats.url, "kill", "mocker", slow)
+    try:
+        prefill.wait_ready(), decode.wait_ready()
+        async with ServingClient("kill", etcd.url, nats.url, first_token_timeout=60) as client:
+            task = asyncio.create_task(tokens(client, list(range(1000))))
+            await asyncio.sleep(1.0)
+            t0 = time.monotonic()
+            prefill.kill()
+            with pytest.raises(PeerGone):
+                await asyncio.wait_for(task, 15)
+            waited = time.monotonic() - t0
+            assert waited < 2 * 2 + 1, waited  # within the lease TTL (2 s) and a keepalive tick, not 60 s
+            assert [w.role for w in client.directory.workers.values()] == ["decode"]
+            with pytest.raises(ServingError, match="no prefill worker serves model 'tiny-llama'"):
+                await tokens(client, [1, 2, 3])
+    finally:
+        decode.stop()
+        etcd.stop()
+        nats.stop()
+
+
+async def test_mocker_disaggregated_moves_real_bytes(tmp_path, tiny_model):
+    etcd, nats = start_etcd(tmp_path / "etcd"), start_nats(tmp_path / "nats")
+    ws = [start_worker(tmp_path, role, tiny_model, etcd.url, nats.url, dep, "mocker", MOCKER_YAML)
+          for role, dep in (("aggregated", "magg"), ("prefill", "mdis"), ("decode", "mdis"))]
+    try:
+        for w in ws:
+            w.wait_ready()
+        async with ServingClient("magg", etcd.url, nats.url) as agg, ServingClient("mdis", etcd.url, nats.url) as dis:
+            p = list(range(500))
+            assert await tokens(dis, p) == await tokens(agg, p)
+            decode = dis.directory.by_role("decode")[0]
+            stats = await dis.stats(decode)
+            assert stats.kv_bytes == 32 * 16 * 4096  # 500 tokens -> 32 blocks of 16 tokens x 4096 bytes
+    finally:
+        for w in ws:
+            w.stop()
+        etcd.stop()
+        nats.stop()
+
+
+async def test_requests_fail_fast_without_a_server_and_time_out_without_a_reply(nats):
+    bus = await Bus.connect(nats.url, "t")
+    t0 = time.monotonic()
+    with pytest.raises(PeerGone, match="nothing serves nobody.listens"):
+        await bus.request("nobody.listens", b"x", 5)
+    assert time.monotonic() - t0 < 1
+
+    async def silent(data, reply):
+        await asyncio.sleep(10)
+
+    await bus.serve("silent", silent)
+    with pytest.raises(RequestTimeout):
+        await bus.request("silent", b"x", 0.5)
+    assert time.monotonic() - t0 < 3
+    await bus.drain_handlers(0)
+    await bus.close()
