@@ -6,12 +6,15 @@ says it has read them, or a timeout), decode (pulls the KV named in the request,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import socket
 import time
 from dataclasses import dataclass, field
+
+import msgspec
 
 from engines.base import EngineError, EngineRequest, KvLayout as EngineLayout, SamplingParams
 from hpc.config import EngineConfig
@@ -53,13 +56,11 @@ class WorkerOptions:
 
 
 def wire_layout(layout: EngineLayout) -> KvLayout:
-    return KvLayout(layout.dtype, layout.block_size, layout.num_layers, layout.num_kv_heads, layout.head_dim,
-                    layout.block_bytes)
+    return KvLayout(**dataclasses.asdict(layout))
 
 
 def engine_layout(layout: KvLayout) -> EngineLayout:
-    return EngineLayout(layout.dtype, layout.block_size, layout.num_layers, layout.num_kv_heads, layout.head_dim,
-                        layout.block_bytes)
+    return EngineLayout(**msgspec.structs.asdict(layout))
 
 
 class Worker:

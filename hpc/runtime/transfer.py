@@ -124,22 +124,22 @@ class KvTransfer:
             return "cuda-ipc"
         return "nixl"
 
-    async def read(self, handle: KvHandle, local_blocks: list[int], request_id: str,
-                   timeout: float) -> TransferResult:
-        """Copy the handle's blocks into `local_blocks`, then tell the owner it may free them."""
+    async def read(self, handle: KvHandle, local_blocks: list[int], request_id: str, timeout: float,
+                   path: str | None = None) -> TransferResult:
+        """Copy the handle's blocks into `local_blocks`, then tell the owner it may free them.
+        `path` forces "nixl" or "cuda-ipc" (benchmarks); by default it is chosen from where the two pools are."""
         if handle.layout.block_bytes != self.block_bytes:
             raise TransferError(f"block of {handle.layout.block_bytes} bytes in the KV handle, "
                                 f"{self.block_bytes} here")
         runs = segments(handle.block_ids, local_blocks)
         remote = self._add_remote(handle)
         t0 = time.perf_counter()
-        if self.path_for(handle) == "cuda-ipc":
+        path = path or self.path_for(handle)
+        if path == "cuda-ipc":
             await self._read_ipc(handle, runs, timeout)
             self.agent.send_notif(remote, RELEASE + request_id.encode())
-            path = "cuda-ipc"
         else:
             await self._read_nixl(handle, runs, remote, request_id, timeout)
-            path = "nixl"
         seconds = time.perf_counter() - t0
         nbytes = len(local_blocks) * self.block_bytes
         self.transfers += 1

@@ -1,0 +1,49 @@
+"""Shared by the GPU benchmarks: the Llama-3-8B shape, random-weight model directories, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+    "max_position_embeddings": 131072, "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
+}
+
+
+def model_dir(layers: int = 32) -> Path:
+    """A config-only model directory; engines built with random_weights=True need nothing else."""
+    d = Path(tempfile.mkdtemp(prefix="llama3-8b-shape-"))
+    (d / "config.json").write_text(json.dumps({**LLAMA3_8B, "num_hidden_layers": layers}))
+    return d
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def write_result(name: str, rows: list[dict], meta: dict) -> Path:
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps({"command": " ".join([Path(sys.executable).name] + sys.argv), "date": time.strftime(
+        "%Y-%m-%d %H:%M:%S"), "host": platform.node(), "gpu": gpu_name(), **meta, "rows": rows}, indent=2))
+    return path
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    lines = [" | ".join(c.rjust(widths[c]) for c in columns), "-+-".join("-" * widths[c] for c in columns)]
+    lines += [" | ".join(str(r[c]).rjust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
