@@ -10,5 +10,6 @@ for what in "$@"; do
     prefill) python3 benchmarks/prefill.py ;;
     kv) python3 benchmarks/kv_transfer.py ;;
     kv-small) python3 benchmarks/kv_transfer.py --tokens 1024 --layers 2 --repeats 2 ;;
+    nixl-probe) python3 benchmarks/nixl_probe.py ;;
   esac
 done

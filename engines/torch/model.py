@@ -100,7 +100,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if x.is_cuda:  # one fused kernel; computes in float32 internally
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        dtype = x.dtype  # Hugging Face's order of operations, so CPU results match it to float32 rounding
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -146,15 +148,25 @@ class Attention(nn.Module):
                 kv = pool[s.block_table, layer]  # [blocks, 2, block_size, kvh, hd]
                 ks = kv[:, 0].reshape(-1, self.kvh, self.hd)[:ctx]
                 vs = kv[:, 1].reshape(-1, self.kvh, self.hd)[:ctx]
-            mask = None
-            causal = s.length > 1 and s.context_start == 0
-            if s.length > 1 and s.context_start > 0:  # a later prefill chunk: causal with an offset
-                qi = torch.arange(s.length, device=x.device)[:, None] + s.context_start
-                mask = torch.arange(ks.shape[0], device=x.device)[None, :] <= qi
-            o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
-                                               attn_mask=mask, is_causal=causal, enable_gqa=self.h != self.kvh)
-            out[sl] = o.transpose(0, 1)
+            out[sl] = self._attend(qs, ks, vs, s)
         return self.o_proj(out.reshape(t, self.h * self.hd))
+
+    def _attend(self, q, k, v, s: SeqBatch) -> torch.Tensor:
+        """q [n, H, hd] against k, v [ctx, KVH, hd]. Prefill expands the KV heads to H so SDPA can take its
+        flash kernel (with enable_gqa it falls back to the O(n^2)-memory math kernel on GPUs)."""
+        mask, causal = None, False
+        if s.length > 1:
+            if self.h != self.kvh:
+                k = k.repeat_interleave(self.h // self.kvh, dim=1)
+                v = v.repeat_interleave(self.h // self.kvh, dim=1)
+            if s.context_start == 0:
+                causal = True
+            else:  # a later prefill chunk: causal with an offset
+                qi = torch.arange(s.length, device=q.device)[:, None] + s.context_start
+                mask = torch.arange(k.shape[0], device=q.device)[None, :] <= qi
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+                                           is_causal=causal, enable_gqa=s.length == 1 and self.h != self.kvh)
+        return o.transpose(0, 1)
 
 
 class MLP(nn.Module):

@@ -71,7 +71,8 @@ def _device_uuid(index: int) -> str:
 class KvTransfer:
     """One per worker: the engine's KV pool registered with NIXL once, at start."""
 
-    def __init__(self, name: str, pool, layout: KvLayout, host: str | None = None, intra_node: str = "auto"):
+    def __init__(self, name: str, pool, layout: KvLayout, host: str | None = None, intra_node: str = "auto",
+                 progress_thread: bool = True):
         try:
             from nixl._api import nixl_agent, nixl_agent_config
         except ImportError:
@@ -86,7 +87,7 @@ class KvTransfer:
         self.intra_node = intra_node
         self.mem_type = "VRAM" if pool.is_cuda else "DRAM"
         self.device_id = pool.device.index if pool.is_cuda else 0
-        self.agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+        self.agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"]))
         self._reg = self.agent.register_memory(pool)
         self._metadata = self.agent.get_agent_metadata()
         self._remotes: set[str] = set()
