@@ -11,5 +11,6 @@ for what in "$@"; do
     kv) python3 benchmarks/kv_transfer.py ;;
     kv-small) python3 benchmarks/kv_transfer.py --tokens 1024 --layers 2 --repeats 2 ;;
     nixl-probe) python3 benchmarks/nixl_probe.py ;;
+    ucx-check) bash benchmarks/ucx_check.sh ;;
   esac
 done

@@ -164,9 +164,11 @@ class Attention(nn.Module):
             else:  # a later prefill chunk: causal with an offset
                 qi = torch.arange(s.length, device=q.device)[:, None] + s.context_start
                 mask = torch.arange(k.shape[0], device=q.device)[None, :] <= qi
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                           is_causal=causal, enable_gqa=s.length == 1 and self.h != self.kvh)
-        return o.transpose(0, 1)
+        # [1, heads, tokens, head_dim]: the flash and memory-efficient kernels take 4-D inputs only.
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=s.length == 1 and self.h != self.kvh)
+        return o[0].transpose(0, 1)
 
 
 class MLP(nn.Module):
