@@ -100,6 +100,7 @@ class Worker:
             metrics_url = f"http://{o.host}:{port}/metrics"
         info = WorkerInfo(worker_id=o.worker_id, role=o.role, model=o.served_name, deployment=o.deployment,
                           subject=subject, host=o.host, engine=o.engine,
+                          model_path=os.path.abspath(o.model_path),
                           gpus=[g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g],
                           nixl_agent=self.transfer.name if self.transfer else None,
                           layout=wire_layout(self.engine.layout), max_batch_size=o.engine_config.max_batch_size,
@@ -130,7 +131,8 @@ class Worker:
         await self.etcd.close()
 
     async def housekeeping(self) -> None:
-        """Frees prefilled blocks once read (NIXL notification) or once too old; refreshes load gauges."""
+        """Frees prefilled blocks once read (NIXL notification) or once too old; publishes load for routers."""
+        next_load = 0.0
         while True:
             await asyncio.sleep(0.002 if self.held else 0.05)
             if self.transfer:
@@ -144,10 +146,13 @@ class Worker:
                                 self.o.release_after)
                     self.held.pop(rid)
                     self.engine.release(rid)
-            s = self.engine.stats()
-            self.metrics.queue_depth.set(s.waiting)
-            self.metrics.running.set(s.running)
-            self.metrics.kv_blocks_free.set(s.kv_blocks_free)
+            if now >= next_load:
+                next_load = now + 0.25
+                stats = self.stats()
+                self.metrics.queue_depth.set(stats.waiting)
+                self.metrics.running.set(stats.running)
+                self.metrics.kv_blocks_free.set(stats.kv_blocks_free)
+                await self.bus.publish(self.subjects.load(self.o.worker_id), encode(stats))
 
     async def on_cancel(self, msg) -> None:
         rid = msg.subject.rsplit(".", 1)[-1]
@@ -251,7 +256,7 @@ class Worker:
         s = self.engine.stats()
         t = self.transfer
         return WorkerStats(self.o.worker_id, self.o.role, s.waiting, s.running, s.held, s.kv_blocks_total,
-                           s.kv_blocks_free, self.bus.in_flight - 1, t.transfers if t else 0,
+                           s.kv_blocks_free, len(self.tasks), t.transfers if t else 0,
                            t.bytes_moved if t else 0, t.seconds if t else 0.0)
 
 

@@ -49,6 +49,7 @@ class ServingClient:
         self.choose = choose or RoundRobin()
         self.first_token_timeout = first_token_timeout
         self.idle_timeout = idle_timeout
+        self.in_flight: dict[str, int] = {}  # worker id -> requests this client has on it now
 
     async def start(self) -> "ServingClient":
         self.bus = await Bus.connect(self.nats_url, f"client-{uuid.uuid4().hex[:6]}")
@@ -126,12 +127,17 @@ class ServingClient:
 
     async def _replies(self, worker: WorkerInfo, req: GenerateRequest):
         gone = self.directory.gone_event(worker.worker_id)
-        async for data in self.bus.stream(worker.subject, encode(req), self.first_token_timeout, self.idle_timeout,
-                                          gone=gone):
-            reply = decode_reply(data)
-            if isinstance(reply, ErrorReply):
-                raise ServingError(reply.code, f"{worker.role} worker {worker.worker_id}: {reply.message}")
-            yield reply
+        wid = worker.worker_id
+        self.in_flight[wid] = self.in_flight.get(wid, 0) + 1
+        try:
+            async for data in self.bus.stream(worker.subject, encode(req), self.first_token_timeout,
+                                              self.idle_timeout, gone=gone):
+                reply = decode_reply(data)
+                if isinstance(reply, ErrorReply):
+                    raise ServingError(reply.code, f"{worker.role} worker {wid}: {reply.message}")
+                yield reply
+        finally:
+            self.in_flight[wid] -= 1
 
     async def stats(self, worker: WorkerInfo, timeout: float = 5.0) -> WorkerStats:
         reply = decode_reply(await self.bus.request(worker.subject, encode(StatsRequest()), timeout))

@@ -28,7 +28,7 @@ async def connect(url: str, timeout: float = 5.0) -> aetcd.Client:
         await asyncio.wait_for(client.get(b"/hpc/ping"), timeout)
     except Exception as e:
         await client.close()
-        raise HpcError(f"cannot reach etcd at {url}: {e or type(e).__name__}") from None
+        raise HpcError(f"cannot reach etcd at {url}: {str(e) or type(e).__name__}") from None
     return client
 
 

@@ -39,7 +39,7 @@ class Bus:
                 url, name=name, connect_timeout=timeout, allow_reconnect=True, reconnect_time_wait=0.5,
                 max_reconnect_attempts=-1, max_outstanding_pings=3, ping_interval=5), timeout + 1)
         except (OSError, asyncio.TimeoutError, nats.errors.NoServersError) as e:
-            raise HpcError(f"cannot reach NATS at {url}: {e or type(e).__name__}") from None
+            raise HpcError(f"cannot reach NATS at {url}: {str(e) or type(e).__name__}") from None
         return cls(nc)
 
     async def serve(self, subject: str, handler: Callable[[bytes, Reply], Awaitable[None]]) -> None:

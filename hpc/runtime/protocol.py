@@ -126,6 +126,7 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     subject: str
     host: str
     engine: str
+    model_path: str = ""  # where the frontend finds the tokenizer and chat template (a shared filesystem)
     mpi_size: int = 1
     gpus: list[str] = []
     nixl_agent: str | None = None
@@ -174,6 +175,12 @@ class Subjects:
 
     def cancel_all(self) -> str:
         return f"{self.prefix}.cancel.*"
+
+    def load(self, worker_id: str) -> str:
+        return f"{self.prefix}.load.{worker_id}"
+
+    def load_all(self) -> str:
+        return f"{self.prefix}.load.*"
 
 
 class Keys:

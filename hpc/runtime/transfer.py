@@ -74,7 +74,9 @@ class KvTransfer:
     """One per worker: the engine's KV pool registered with NIXL once, at start."""
 
     def __init__(self, name: str, pool, layout: KvLayout, host: str | None = None, intra_node: str = "auto",
-                 progress_thread: bool = True):
+                 progress_thread: bool = False):
+        # NIXL's progress thread busy-polls a whole CPU core. We progress the agent ourselves instead: the reader
+        # polls its transfer, the owner polls for notifications (workers/worker.py housekeeping).
         try:
             from nixl._api import nixl_agent, nixl_agent_config
         except ImportError:

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible frontend: discovery, preprocessing, routing, streaming."""

@@ -1,0 +1,46 @@
+"""python -m frontend --deployment NAME --etcd URL --nats URL [--host H --port P --router POLICY --model NAME]"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import uvicorn
+
+from frontend.app import Frontend, create_app
+from hpc.procs import free_port
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m frontend", description=__doc__)
+    p.add_argument("--deployment", required=True)
+    p.add_argument("--etcd", default=os.environ.get("HPC_ETCD"), help="etcd URL (env HPC_ETCD)")
+    p.add_argument("--nats", default=os.environ.get("HPC_NATS"), help="NATS URL (env HPC_NATS)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000, help="0: a free port")
+    p.add_argument("--router", default="round-robin", choices=["round-robin", "least-loaded", "kv-aware"])
+    p.add_argument("--model", action="append", default=[], help="a model this deployment serves (for /health "
+                                                                 "and 503 before its workers register)")
+    p.add_argument("--request-timeout", type=float, default=600.0)
+    a = p.parse_args(argv)
+    if not a.etcd or not a.nats:
+        p.error("--etcd and --nats are required (or HPC_ETCD and HPC_NATS)")
+    logging.basicConfig(level=os.environ.get("HPC_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    port = a.port or free_port()
+    app = create_app(Frontend(a.deployment, a.etcd, a.nats, a.router, a.model, a.request_timeout))
+
+    @app.on_event("startup")
+    async def announce():
+        print(f"HPC_FRONTEND_READY http://{a.host}:{port}", flush=True)
+
+    try:
+        uvicorn.run(app, host=a.host, port=port, log_level="warning", loop="auto", timeout_graceful_shutdown=5)
+    except SystemExit as e:
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""OpenAI request bodies (the subset served) and error responses in OpenAI's format."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Unsupported(Exception):
+    def __init__(self, option: str, why: str):
+        super().__init__(f"{option}: {why}")
+        self.option = option
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.status}},
+                        status_code=e.status, headers=e.headers)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Common(BaseModel):
+    model_config = ConfigDict(extra="allow")  # clients send extra fields; those we cannot honour are refused below
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    logprobs: Any = None
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise Unsupported("n", "only n=1 is supported")
+        if self.logprobs not in (None, False, 0):
+            raise Unsupported("logprobs", "log probabilities are not implemented")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise Unsupported(name, "penalties are not implemented")
+        for name in ("tools", "functions", "best_of", "suffix", "logit_bias", "top_logprobs"):
+            if (self.model_extra or {}).get(name):
+                raise Unsupported(name, "not supported by this server")
+        if (self.model_extra or {}).get("echo"):
+            raise Unsupported("echo", "not supported by this server")
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            parts = []
+            for part in self.content:
+                if part.get("type") != "text":
+                    raise Unsupported("messages.content", f"content part of type {part.get('type')!r} is not "
+                                                          f"supported by this text model")
+                parts.append(part.get("text", ""))
+            return "".join(parts)
+        return self.content or ""
+
+
+class ChatRequest(Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        fmt = (self.model_extra or {}).get("response_format")
+        if fmt and fmt.get("type") not in (None, "text"):
+            raise Unsupported("response_format", "only text output is supported")
+
+
+class CompletionRequest(Common):
+    prompt: str | list[int] | list[str]

@@ -1,0 +1,124 @@
+"""`hpc serve CONFIG`: a deployment on this machine with no Slurm: etcd, NATS, the workers and the frontend as
+local processes. Every process is started here and stopped here, by PID."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from hpc.config import Deployment
+from hpc.errors import HpcError
+from hpc.procs import Pid, free_port, log_tail, spawn, stop
+from hpc.services import Service, start_etcd, start_nats
+
+
+@dataclass
+class Component:
+    name: str
+    popen: subprocess.Popen | None = None
+    log: Path | None = None
+    ready_after: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class LocalDeployment:
+    dep: Deployment
+    state_dir: Path
+    port: int = 0
+    host: str = "127.0.0.1"
+    lease_ttl: int = 5
+    etcd: Service | None = None
+    nats: Service | None = None
+    components: list[Component] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def model_path(self) -> str:
+        return str(Path(self.dep.model.path).expanduser().resolve())
+
+    def start(self, on_ready: Callable[[Component], None] = lambda c: None, timeout: float = 120) -> None:
+        t0 = time.monotonic()
+        try:
+            self._start(on_ready, t0, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, on_ready, t0: float, timeout: float) -> None:
+        dep, logs = self.dep, self.state_dir / "logs"
+        if not Path(self.model_path(), "config.json").exists():
+            raise HpcError(f"model.path {dep.model.path}: no config.json there (expected a Hugging Face model "
+                           f"directory)")
+        self.etcd = start_etcd(self.state_dir / "etcd")
+        on_ready(Component("etcd", ready_after=time.monotonic() - t0, detail=self.etcd.url))
+        self.nats = start_nats(self.state_dir / "nats")
+        on_ready(Component("nats", ready_after=time.monotonic() - t0, detail=self.nats.url))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HPC_ETCD": self.etcd.url, "HPC_NATS": self.nats.url}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        pending = []
+        for role, spec in dep.workers.items():
+            for i in range(spec.replicas):
+                name = f"{role}/{i}"
+                argv = [sys.executable, "-m", "workers", "--config", str(dep.source), "--role", role,
+                        "--model", self.model_path(), "--worker-id", f"{role}-{i}", "--lease-ttl",
+                        str(self.lease_ttl)]
+                c = Component(name, log=logs / f"{role}-{i}.log")
+                c.popen = spawn(argv, c.log, env={**env, **spec.env})
+                self.components.append(c)
+                pending.append(c)
+        self.port = self.port or free_port()
+        fe = Component("frontend", log=logs / "frontend.log", detail=self.url)
+        fe.popen = spawn([sys.executable, "-m", "frontend", "--deployment", dep.name, "--host", self.host,
+                          "--port", str(self.port), "--router", dep.frontend.router, "--model", dep.model.name,
+                          "--request-timeout", str(dep.frontend.request_timeout_s)], fe.log, env=env)
+        self.components.append(fe)
+        pending.append(fe)
+        deadline = t0 + timeout
+        while pending:
+            for c in list(pending):
+                if c.popen.poll() is not None:
+                    raise HpcError(f"{c.name} exited with code {c.popen.returncode}. Log {c.log}:\n"
+                                   f"{log_tail(c.log, 20)}")
+                marker = "HPC_FRONTEND_READY" if c.name == "frontend" else "HPC_WORKER_READY"
+                if c.log.exists() and marker in c.log.read_text(errors="replace"):
+                    c.ready_after = time.monotonic() - t0
+                    pending.remove(c)
+                    on_ready(c)
+            if time.monotonic() > deadline:
+                raise HpcError(f"not ready after {timeout:.0f} s: {', '.join(c.name for c in pending)}; logs in "
+                               f"{logs}")
+            time.sleep(0.05)
+        while not self.healthy():  # every model has a complete path
+            if time.monotonic() > deadline:
+                raise HpcError(f"{self.url}/health not ready after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> list[str]:
+        """Frontend first (no new requests), then workers (they drain), then NATS and etcd. Returns what would
+        not stop."""
+        stuck = []
+        for c in reversed(self.components):
+            if c.popen is not None and not stop(Pid.of(c.popen.pid), timeout=15, popen=c.popen):
+                stuck.append(c.name)
+        self.components.clear()
+        for s in (self.nats, self.etcd):
+            if s is not None and not s.stop():
+                stuck.append(s.name)
+        self.nats = self.etcd = None
+        return stuck
