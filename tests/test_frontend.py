@@ -1,0 +1,210 @@
+"""The OpenAI-compatible frontend on live `hpc serve` stacks: the official openai client, raw HTTP errors,
+disconnects, workers joining and leaving. Real etcd, NATS, NIXL, torch on CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from harness import MOCKER_YAML, start_worker
+from hpc.config import load_deployment
+from hpc.procs import Pid, free_port, stop
+from hpc.runtime.client import ServingClient
+from hpc.serve import LocalDeployment
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "tiny-llama"
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me a story about a dragon."}]
+
+
+def serve(name: str, state: Path, model: Path, monkeypatch_env: dict) -> LocalDeployment:
+    os.environ.update(monkeypatch_env)
+    local = LocalDeployment(load_deployment(REPO / "configs" / name), state, lease_ttl=2)
+    local.start()
+    return local
+
+
+@pytest.fixture(scope="module")
+def stacks(tmp_path_factory, tiny_model):
+    d = tmp_path_factory.mktemp("fe")
+    env = {"HPC_MODEL_DIR": str(tiny_model)}
+    agg = serve("tiny-agg.yaml", d / "agg", tiny_model, env)
+    try:
+        dis = serve("tiny-disagg.yaml", d / "dis", tiny_model, env)
+    except BaseException:
+        agg.stop()
+        raise
+    yield {"agg": agg, "dis": dis, "dir": d}
+    assert dis.stop() == [] and agg.stop() == []
+
+
+def client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def test_openai_client_disaggregated_equals_aggregated(stacks):
+    answers = {}
+    for name in ("agg", "dis"):
+        c = client(stacks[name])
+        r = c.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=12, temperature=0, stream=True) if ch.choices)
+        assert streamed == r.choices[0].message.content
+        assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 10
+        answers[name] = r.choices[0].message.content
+        comp = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0,
+                                    extra_body={"ignore_eos": True})
+        assert comp.choices[0].finish_reason == "length" and comp.usage.completion_tokens == 6
+        answers[name + "-completion"] = comp.choices[0].text
+    assert answers["dis"] == answers["agg"] and answers["dis-completion"] == answers["agg-completion"]
+
+
+async def test_async_client_streams_with_usage(stacks):
+    c = openai.AsyncOpenAI(base_url=f"{stacks['dis'].url}/v1", api_key="unused", timeout=60, max_retries=0)
+    chunks = [ch async for ch in await c.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=8, temperature=0, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True})]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8
+    await c.close()
+
+
+def test_stop_strings_cut_the_answer(stacks):
+    c = client(stacks["dis"])
+    full = c.completions.create(model=MODEL, prompt="Hello", max_tokens=20, temperature=0,
+                                extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cut = c.completions.create(model=MODEL, prompt="Hello", max_tokens=20, temperature=0, stop=[stop],
+                               extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ("{not json", 400, "malformed JSON"),
+    ({"model": MODEL}, 400, "messages"),
+    ({"model": "nope", "messages": CHAT}, 404, "model 'nope' does not exist"),
+    ({"model": MODEL, "messages": CHAT, "n": 2}, 400, "n: only n=1"),
+    ({"model": MODEL, "messages": CHAT, "logprobs": True}, 400, "logprobs"),
+    ({"model": MODEL, "messages": CHAT, "temperature": 5}, 400, "temperature"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi " * 3000}]}, 400,
+     "exceeds the model's context length of 2048"),
+    ({"model": MODEL, "messages": CHAT, "max_tokens": 4000}, 400, "max_tokens is 4000"),
+])
+def test_errors_in_openai_format(stacks, body, status, needle):
+    url = f"{stacks['dis'].url}/v1/chat/completions"
+    r = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30) \
+        if isinstance(body, str) else httpx.post(url, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and "Traceback" not in r.text
+
+
+def test_health_models_and_metrics(stacks):
+    url = stacks["dis"].url
+    assert httpx.get(f"{url}/health").json() == {"status": "ready", "models": {MODEL: "ready"}}
+    models = httpx.get(f"{url}/v1/models").json()["data"]
+    assert [m["id"] for m in models] == [MODEL]
+    metrics = httpx.get(f"{url}/metrics").text
+    assert "hpc_frontend_ttft_seconds_bucket" in metrics and 'hpc_frontend_requests_total{status="200"}' in metrics
+
+
+async def wait_blocks_free(stack, deployment: str) -> list:
+    async with ServingClient(deployment, stack.etcd.url, stack.nats.url) as sc:
+        for _ in range(100):
+            stats = [await sc.stats(w) for w in sc.directory.workers.values()]
+            if all(s.kv_blocks_free == s.kv_blocks_total and s.running == 0 and s.held == 0 for s in stats):
+                return stats
+            await asyncio.sleep(0.05)
+    raise AssertionError(stats)
+
+
+async def test_client_disconnect_cancels_and_frees_kv(stacks):
+    stack = stacks["dis"]
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=30) as c:
+        async with c.stream("POST", f"{stack.url}/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = 0
+            async for line in r.aiter_lines():
+                lines += line.startswith("data: ")
+                if lines == 4:
+                    break  # leave mid-stream
+    t0 = time.monotonic()
+    stats = await wait_blocks_free(stack, "tiny-disagg")
+    assert time.monotonic() - t0 < 5 and {s.role for s in stats} == {"prefill", "decode"}
+
+
+def test_errors_from_workers_timeout_failure_and_leaving(tmp_path, tiny_model, stacks):
+    """504 when a worker is too slow (request timeout 4 s), 502 when it dies mid-request (noticed when its 2 s
+    lease ends, before the timeout), 503 once the model has no workers."""
+    etcd, nats = stacks["agg"].etcd.url, stacks["agg"].nats.url
+    port = free_port()
+    fe_log = tmp_path / "frontend.log"
+    with open(fe_log, "wb") as out:
+        fe = subprocess.Popen([sys.executable, "-m", "frontend", "--deployment", "edge", "--etcd", etcd, "--nats",
+                               nats, "--host", "127.0.0.1", "--port", str(port), "--model", MODEL,
+                               "--request-timeout", "4"], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    slow = tmp_path / "slow.yaml"
+    slow.write_text("mocker: {prefill_tokens_per_s: 20, vocab_size: 500}\n")  # 120 tokens: 6 s of prefill
+    worker = None
+    try:
+        for _ in range(100):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 503:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        body = {"model": MODEL, "prompt": list(range(5, 125)), "max_tokens": 4}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        worker = start_worker(tmp_path, "aggregated", tiny_model, etcd, nats, "edge", "mocker", slow).wait_ready()
+        t0 = time.monotonic()
+        while MODEL not in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]:
+            assert time.monotonic() - t0 < 1.0, "model not listed within a second of its worker registering"
+            time.sleep(0.02)
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
+        assert r.status_code == 504 and "did not answer in time" in r.json()["error"]["message"]
+        with httpx.Client(timeout=20) as c:
+            fut_t0 = time.monotonic()
+            import threading
+
+            box = {}
+            t = threading.Thread(target=lambda: box.setdefault("r", c.post(f"{url}/v1/completions", json={
+                **body, "prompt": list(range(5, 65))})))  # 3 s of prefill: dies before it answers
+            t.start()
+            time.sleep(0.3)
+            worker.kill()
+            t.join(15)
+        assert box["r"].status_code == 502, box["r"].text
+        assert time.monotonic() - fut_t0 < 5
+        t0 = time.monotonic()
+        while MODEL in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]:
+            assert time.monotonic() - t0 < 5, "model still listed after its last worker died"
+            time.sleep(0.05)
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=10).status_code == 503
+    finally:
+        if worker and worker.popen.poll() is None:
+            worker.stop()
+        assert stop(Pid.of(fe.pid), popen=fe)
+
+
+def test_workers_join_and_leave_while_serving(stacks, tiny_model, tmp_path):
+    stack = stacks["agg"]
+    extra = start_worker(tmp_path, "aggregated", tiny_model, stack.etcd.url, stack.nats.url, "tiny-agg",
+                         worker_id="aggregated-extra").wait_ready()
+    c = client(stack)
+    ask = lambda: c.completions.create(model=MODEL, prompt="Hello there", max_tokens=4, temperature=0)  # noqa
+    first = ask().choices[0].text
+    assert all(ask().choices[0].text == first for _ in range(4))  # both workers answer the same
+    assert extra.stop()  # SIGTERM: it leaves etcd first, then finishes what it has
+    assert all(ask().choices[0].text == first for _ in range(4))

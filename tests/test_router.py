@@ -1,0 +1,80 @@
+"""Routing policies and preprocessing helpers (pure units)."""
+
+from __future__ import annotations
+
+from frontend.preprocess import Detokenizer, StopStrings
+from frontend.router import KvAware, LeastLoaded, LoadBoard, prefix_hashes
+from hpc.runtime.client import RoundRobin
+from hpc.runtime.protocol import GenerateRequest, WorkerInfo, WorkerStats
+
+
+def workers(n: int) -> list[WorkerInfo]:
+    return [WorkerInfo(f"w{i}", "prefill", "m", "d", f"s{i}", "h", "torch") for i in range(n)]
+
+
+def req(tokens) -> GenerateRequest:
+    return GenerateRequest("r", "m", list(tokens))
+
+
+def stats(wid: str, waiting: int = 0, free: int = 100) -> WorkerStats:
+    return WorkerStats(wid, "prefill", waiting, 0, 0, 100, free, 0)
+
+
+def test_round_robin_cycles_per_role():
+    rr, ws = RoundRobin(), workers(3)
+    assert [rr("prefill", ws, req([1])).worker_id for _ in range(4)] == ["w0", "w1", "w2", "w0"]
+    assert rr("decode", ws, req([1])).worker_id == "w0"
+
+
+def test_least_loaded_uses_in_flight_and_reports():
+    board = LoadBoard({"w0": 2, "w1": 0, "w2": 0})
+    board.report(stats("w1", waiting=3))
+    assert LeastLoaded(board)("prefill", workers(3), req([1])).worker_id == "w2"
+    board.report(stats("w2", free=0))  # KV full counts as one more request
+    board.in_flight["w0"] = 0
+    assert LeastLoaded(board)("prefill", workers(3), req([1])).worker_id == "w0"
+
+
+def test_least_loaded_shares_ties():
+    ll = LeastLoaded(LoadBoard())
+    assert {ll("prefill", workers(2), req([1])).worker_id for _ in range(4)} == {"w0", "w1"}
+
+
+def test_prefix_hashes_identify_shared_prefixes():
+    a, b = prefix_hashes(list(range(40)), 16), prefix_hashes(list(range(32)) + [99] * 8, 16)
+    assert len(a) == 2 and a == b  # two full blocks, equal
+    assert prefix_hashes([5] + list(range(1, 40)), 16)[0] != a[0]
+
+
+def test_kv_aware_follows_the_prefix_unless_overloaded():
+    board = LoadBoard()
+    kv, ws = KvAware(board, block=4, max_extra_load=2), workers(3)
+    system = list(range(100, 120))
+    first = kv("prefill", ws, req(system + [1, 2, 3, 4])).worker_id
+    board.in_flight[first] = 1  # now busier than the others, but within the allowance
+    assert kv("prefill", ws, req(system + [7, 8, 9, 10])).worker_id == first
+    board.in_flight[first] = 5  # far busier: take the least loaded instead
+    assert kv("prefill", ws, req(system + [11, 12, 13, 14])).worker_id != first
+    assert kv("prefill", [w for w in ws if w.worker_id != first], req(system)).worker_id != first  # gone
+
+
+def test_stop_strings_span_deltas():
+    s = StopStrings(["STOP", "\n\n"])
+    out = ""
+    for piece in ["Hello wor", "ld ST", "OP and more"]:
+        text, hit = s.feed(piece)
+        out += text
+        if hit:
+            break
+    assert out == "Hello world " and hit
+    s = StopStrings(["xyz"])
+    assert s.feed("abcx")[0] + s.feed("y")[0] + s.flush() == "abcxy"
+
+
+def test_detokenizer_streams_the_same_text(tiny_model):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    ids = tok.encode("Héllo, wörld! Once upon a time 🐉 there was a model.").ids
+    d = Detokenizer(tok)
+    assert "".join(d.add([i]) for i in ids) == tok.decode(ids)
