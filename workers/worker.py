@@ -73,6 +73,7 @@ class Worker:
         self.held: dict[str, float] = {}  # prefill: request id -> when its blocks are freed regardless
         self.tasks: dict[str, asyncio.Task] = {}
         self.transfer: KvTransfer | None = None
+        self.held_changed = asyncio.Event()
 
     async def run(self) -> None:
         o = self.o
@@ -134,7 +135,13 @@ class Worker:
         """Frees prefilled blocks once read (NIXL notification) or once too old; publishes load for routers."""
         next_load = 0.0
         while True:
-            await asyncio.sleep(0.002 if self.held else 0.05)
+            # While blocks are held, poll fast: polling also progresses NIXL for readers whose transport needs
+            # the owner's help (DRAM over TCP or shared memory); idle, poll slowly. A new handle wakes us at once.
+            try:
+                await asyncio.wait_for(self.held_changed.wait(), 0.0005 if self.held else 0.05)
+            except asyncio.TimeoutError:
+                pass
+            self.held_changed.clear()
             if self.transfer:
                 for rid in self.transfer.released():
                     self.held.pop(rid, None)
@@ -224,6 +231,7 @@ class Worker:
         if out.finish_reason is None:
             kv = self.transfer.handle(out.block_ids, out.num_tokens)
             self.held[req.request_id] = time.monotonic() + self.o.release_after
+            self.held_changed.set()
         self.metrics.tokens.inc()
         await reply(encode(PrefillResult(req.request_id, out.first_token, out.num_tokens, out.finish_reason, kv)))
 

@@ -1,0 +1,77 @@
+"""Latency the serving path adds, with mocker workers that take no simulated time.
+
+    python benchmarks/frontend.py [--concurrency 1,16,64] [--requests 400] [--osl 16]
+
+Starts `configs/tiny-mocker.yaml`-like deployments through `hpc serve`'s local backend (etcd, NATS, frontend,
+mocker workers; aggregated and disaggregated), then streams 16-token requests through the frontend. With zero
+simulated compute, TTFT is what the frontend, NATS, the router and the worker loop add; requests/s is the
+sustained rate. Prints a table and writes benchmarks/results/frontend.json."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import table, write_result  # noqa: E402
+from engines.torch.tiny import make_tiny_model  # noqa: E402
+from hpc import bench  # noqa: E402
+from hpc.config import load_deployment  # noqa: E402
+from hpc.serve import LocalDeployment  # noqa: E402
+
+ZERO = "mocker: {prefill_tokens_per_s: 1.0e12, prefill_overhead_ms: 0, decode_step_ms: 0, " \
+       "decode_ms_per_sequence: 0, decode_ms_per_1k_context: 0, kv_bytes_per_token: 64, vocab_size: 500}\n"
+
+
+def deployment(d: Path, name: str, workers: str) -> Path:
+    (d / "zero.yaml").write_text(ZERO + "max_batch_size: 256\n")
+    p = d / f"{name}.yaml"
+    p.write_text(f"name: {name}\nmodel: {{path: {d / 'model'}, served_name: mock}}\ncluster: {{gpus_per_node: 0}}\n"
+                 f"workers:\n{workers}")
+    return p
+
+
+async def measure(url: str, levels: list[int], n: int, osl: int) -> list[dict]:
+    rows = []
+    for c in levels:
+        prompts = bench.make_prompts(n, 32, 10, 500, seed=c)
+        await bench.level(url, "mock", prompts[: min(n, 20)], osl, c, 60)  # warm-up
+        results, wall = await bench.level(url, "mock", prompts, osl, c, 60)
+        rows.append(bench.summarize(c, results, wall))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--osl", type=int, default=16)
+    args = p.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    d = Path(tempfile.mkdtemp(prefix="hpc-frontend-bench-"))
+    make_tiny_model(d / "model")
+    rows = []
+    for mode, workers in (("aggregated", "  aggregated: {engine: mocker, engine_config: zero.yaml}\n"),
+                          ("disaggregated", "  prefill: {engine: mocker, engine_config: zero.yaml}\n"
+                                            "  decode: {engine: mocker, engine_config: zero.yaml}\n")):
+        local = LocalDeployment(load_deployment(deployment(d, f"bench-{mode[:3]}", workers)), d / mode)
+        local.start()
+        try:
+            for r in asyncio.run(measure(local.url, levels, args.requests, args.osl)):
+                rows.append({"mode": mode, **{k: r[k] for k in ("concurrency", "requests", "errors", "ttft_p50_ms",
+                                                               "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
+                                                               "req_s", "output_tok_s")}})
+                print(rows[-1], flush=True)
+        finally:
+            local.stop()
+    path = write_result("frontend", rows, {"osl": args.osl, "isl": 32, "cpu_cores": __import__("os").cpu_count()})
+    print(table(rows, list(rows[0])))
+    print(f"Written to {path}")
+
+
+if __name__ == "__main__":
+    main()
