@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 
 import uvicorn
@@ -32,9 +33,12 @@ def main(argv=None) -> None:
     port = a.port or free_port()
     app = create_app(Frontend(a.deployment, a.etcd, a.nats, a.router, a.model, a.request_timeout))
 
+    shown = a.host if a.host not in ("0.0.0.0", "::") else (os.environ.get("HPC_ADVERTISE_HOST")
+                                                             or socket.gethostname())
+
     @app.on_event("startup")
     async def announce():
-        print(f"HPC_FRONTEND_READY http://{a.host}:{port}", flush=True)
+        print(f"HPC_FRONTEND_READY http://{shown}:{port}", flush=True)
 
     try:
         uvicorn.run(app, host=a.host, port=port, log_level="warning", loop="auto", timeout_graceful_shutdown=5)

@@ -48,37 +48,41 @@ def _etcd_healthy(url: str) -> bool:
         return False
 
 
-def start_etcd(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: float = 20) -> Service:
+def start_etcd(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: float = 20,
+               advertise: str | None = None) -> Service:
+    """etcd listening on `host` (0.0.0.0 for every interface), reachable by others as `advertise`."""
     exe = require_binary("etcd")
     port = port or free_port(host)
     peer = free_port(host)
-    url = f"http://{host}:{port}"
+    listen, url = f"http://{host}:{port}", f"http://{advertise or host}:{port}"
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "etcd.log"
     popen = spawn([exe, "--name", f"hpc-{port}", "--data-dir", str(data_dir / "data"),
-                   "--listen-client-urls", url, "--advertise-client-urls", url,
+                   "--listen-client-urls", listen, "--advertise-client-urls", url,
                    "--listen-peer-urls", f"http://{host}:{peer}",
-                   "--initial-advertise-peer-urls", f"http://{host}:{peer}",
-                   "--initial-cluster", f"hpc-{port}=http://{host}:{peer}",
+                   "--initial-advertise-peer-urls", f"http://{advertise or host}:{peer}",
+                   "--initial-cluster", f"hpc-{port}=http://{advertise or host}:{peer}",
                    "--log-level", "warn"], log)
     service = Service("etcd", url, data_dir, log, popen)
     try:
-        wait_until(lambda: _etcd_healthy(url), timeout, f"etcd on {url}", alive=lambda: popen.poll() is None, log=log)
+        wait_until(lambda: _etcd_healthy(f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"), timeout,
+                   f"etcd on {url}", alive=lambda: popen.poll() is None, log=log)
     except BaseException:
         service.stop()
         raise
     return service
 
 
-def start_nats(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: float = 20) -> Service:
+def start_nats(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: float = 20,
+               advertise: str | None = None) -> Service:
     exe = require_binary("nats-server")
     port = port or free_port(host)
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "nats.log"
     popen = spawn([exe, "-a", host, "-p", str(port), "-js", "-sd", str(data_dir / "jetstream")], log)
-    service = Service("nats", f"nats://{host}:{port}", data_dir, log, popen)
+    service = Service("nats", f"nats://{advertise or host}:{port}", data_dir, log, popen)
     try:
-        wait_until(lambda: tcp_open(host, port), timeout, f"nats-server on {host}:{port}",
+        wait_until(lambda: tcp_open("127.0.0.1" if host == "0.0.0.0" else host, port), timeout, f"nats-server on {host}:{port}",
                    alive=lambda: popen.poll() is None, log=log)
     except BaseException:
         service.stop()

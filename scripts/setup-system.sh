@@ -3,7 +3,7 @@
 # only those that are missing, so a second run costs nothing.
 set -euo pipefail
 packages=(slurmctld slurmd slurm-client munge etcd-server etcd-client nats-server
-          openmpi-bin libopenmpi-dev libpmix-dev)
+          openmpi-bin libopenmpi-dev libpmix-dev shellcheck)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

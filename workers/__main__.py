@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 from engines.base import EngineError
@@ -63,11 +64,35 @@ def parse(argv=None) -> WorkerOptions:
         random_weights=a.random_weights)
 
 
+def mpi_rank() -> tuple[int, int]:
+    """(rank, size) under srun or mpirun; (0, 1) when started alone."""
+    for rank, size in (("SLURM_PROCID", "SLURM_NTASKS"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")):
+        if rank in os.environ:
+            return int(os.environ[rank]), int(os.environ.get(size, "1"))
+    return 0, 1
+
+
+async def follow(rank: int, size: int, worker_id: str) -> None:
+    """Ranks after the first: rank 0 registers and serves; the others hold their GPUs for the engine's
+    collectives (TensorRT-LLM runs its own MPI session) and end with the step."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    logging.getLogger("workers").info("rank %d of %d following %s", rank, size, worker_id)
+    await stop.wait()
+
+
 def main(argv=None) -> None:
     logging.basicConfig(level=os.environ.get("HPC_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         options = parse(argv)
+        rank, size = mpi_rank()
+        options.mpi_size = size
+        if rank > 0:
+            asyncio.run(follow(rank, size, options.worker_id))
+            return
         asyncio.run(Worker(options).run())
     except (HpcError, EngineError) as e:  # bad config, unreachable service, bad model directory
         print(f"error: {e}", file=sys.stderr)

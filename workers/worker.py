@@ -49,6 +49,7 @@ class WorkerOptions:
     drain_timeout: float = 30.0
     intra_node: str = "auto"
     random_weights: bool = False
+    mpi_size: int = 1
 
     def __post_init__(self):
         self.host = self.host or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
@@ -101,7 +102,7 @@ class Worker:
             metrics_url = f"http://{o.host}:{port}/metrics"
         info = WorkerInfo(worker_id=o.worker_id, role=o.role, model=o.served_name, deployment=o.deployment,
                           subject=subject, host=o.host, engine=o.engine,
-                          model_path=os.path.abspath(o.model_path),
+                          model_path=os.path.abspath(o.model_path), mpi_size=o.mpi_size,
                           gpus=[g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g],
                           nixl_agent=self.transfer.name if self.transfer else None,
                           layout=wire_layout(self.engine.layout), max_batch_size=o.engine_config.max_batch_size,

@@ -24,7 +24,9 @@ REQUIRED = {"munged": "munge", "slurmctld": "slurmctld", "slurmd": "slurmd", "si
 
 # Every fake node has the same hostname, so Open MPI would take ranks on different nodes for neighbours and
 # use shared memory, whose files live in each node's private /tmp. TCP over loopback is what such nodes share.
-JOB_ENV = {"OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
+# And node names are not host names here: services advertise 127.0.0.1 (hpc.head.advertise_host).
+JOB_ENV = {"OMPI_MCA_btl": "self,tcp", "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo",
+           "HPC_ADVERTISE_HOST": "127.0.0.1"}
 
 
 def default_root() -> Path:

@@ -1,0 +1,222 @@
+"""Runs a Plan inside a Slurm allocation: one srun step per component, readiness in order (etcd and NATS,
+frontend, every worker registered, the model served), a state file, logs per component; on stop, exactly its own
+steps are cancelled (scancel JOB.STEP) and, if it asked for the allocation, the allocation too."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from hpc.config import Deployment
+from hpc.errors import HpcError
+from hpc.plan import Allocation, Plan, Step
+from hpc.procs import Pid, log_tail, stop
+from hpc.slurm import commands
+
+STATE_ROOT = Path(".hpc")
+
+
+@dataclass
+class LaunchState:
+    deployment: str
+    config: str
+    job_id: str | None
+    created_allocation: bool
+    nodes: list[str]
+    state_dir: str
+    endpoints: dict = field(default_factory=dict)
+    frontend_url: str | None = None
+    steps: dict = field(default_factory=dict)  # name -> {"nodes", "pid", "log", "role"}
+    started: float = field(default_factory=time.time)
+    ready_after: float | None = None
+
+    @staticmethod
+    def path(deployment: str) -> Path:
+        return STATE_ROOT / f"{deployment}.json"
+
+    def save(self) -> None:
+        p = self.path(self.deployment)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, deployment: str | None) -> "LaunchState":
+        if deployment is None:
+            files = sorted(STATE_ROOT.glob("*.json"), key=lambda p: p.stat().st_mtime)
+            if not files:
+                raise HpcError(f"no deployment launched from here (no state in {STATE_ROOT}/)")
+            path = files[-1]
+        else:
+            path = cls.path(deployment)
+        try:
+            return cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise HpcError(f"no deployment {deployment!r} launched from here ({path} not found)") from None
+
+
+def current_allocation(env: dict, gpus_per_node: int | None) -> Allocation | None:
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    nodes = commands.expand_hostnames(env["SLURM_JOB_NODELIST"], env=env)
+    return Allocation(job, tuple(nodes), gpus_per_node if gpus_per_node is not None else _gpus_from_env(env))
+
+
+def _gpus_from_env(env: dict) -> int:
+    for key in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        value = env.get(key, "")
+        if value.split(":")[-1].isdigit():
+            return int(value.split(":")[-1])
+    return 0
+
+
+def request_allocation(name: str, nodes: int, gpus_per_node: int | None, time_limit: str | None,
+                       partition: str | None, account: str | None, env: dict,
+                       waiting: Callable[[str], None] = lambda s: None, timeout: float = 3600) -> Allocation:
+    """salloc --no-shell: returns once the allocation is granted; shows that it waits in the queue."""
+    argv = ["salloc", "--no-shell", f"--nodes={nodes}", f"--job-name=hpc.{name}"]
+    if gpus_per_node:
+        argv.append(f"--gres=gpu:{gpus_per_node}")
+    for flag, value in (("--time", time_limit), ("--partition", partition), ("--account", account)):
+        if value:
+            argv.append(f"{flag}={value}")
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job_id, lines = None, []
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:  # salloc reports "Pending job allocation N", then "Granted job allocation N"
+        lines.append(line.strip())
+        m = re.search(r"job allocation (\d+)", line)
+        if m:
+            job_id = m.group(1)
+            if "Pending" in line or "queued" in line:
+                waiting(f"job {job_id} is waiting in the queue")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise HpcError(f"salloc: no allocation within {timeout:.0f} s")
+    if proc.wait() != 0 or job_id is None:
+        raise HpcError(f"salloc failed: {' '.join(lines) or 'no output'}")
+    nodelist = commands.run(["squeue", "-h", f"--jobs={job_id}", "-o", "%N"], env=env).strip()
+    return Allocation(job_id, tuple(commands.expand_hostnames(nodelist, env=env)), gpus_per_node or 0, created=True)
+
+
+class Launcher:
+    def __init__(self, dep: Deployment, plan: Plan, env: dict | None = None, python: str = sys.executable):
+        self.dep, self.plan = dep, plan
+        self.env = dict(env if env is not None else os.environ)
+        self.python = python if dep.container is None else "python3"
+        self.state_dir = (STATE_ROOT / dep.name).resolve()
+        self.state = LaunchState(dep.name, plan.config, plan.allocation.job_id, plan.allocation.created,
+                                 list(plan.allocation.nodes), str(self.state_dir))
+        self.popens: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, step: Step, extra_env: dict) -> None:
+        log = self.state_dir / "logs" / f"{step.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        argv = commands.srun_argv(step, self.plan.allocation.job_id, self.python, self.dep.name, self.dep.container)
+        env = {**self.env, **extra_env, **commands.step_env(step)}
+        if self.dep.container:
+            env.update(self.dep.container.env)
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                     start_new_session=True)
+        self.popens[step.name] = popen
+        self.state.steps[step.name] = {"nodes": list(step.nodes), "pid": popen.pid, "start": Pid.of(popen.pid).start,
+                                       "log": str(log), "role": step.role, "ntasks": step.ntasks}
+        self.state.save()
+
+    def _wait(self, name: str, check: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            popen = self.popens[name]
+            if popen.poll() is not None:
+                log = self.state.steps[name]["log"]
+                raise HpcError(f"{name} exited (srun code {popen.returncode}). Log {log}:\n{log_tail(Path(log), 25)}")
+            if time.monotonic() > deadline:
+                raise HpcError(f"{name}: not ready after {timeout:.0f} s; log {self.state.steps[name]['log']}")
+            time.sleep(0.1)
+
+    def start(self, on_ready: Callable[[str, str, float], None] = lambda *a: None, timeout: float = 600) -> None:
+        if self.dep.container and not commands.srun_supports_containers(self.env):
+            raise HpcError("container.image is set but this srun has no --container-image (install the pyxis "
+                           "plugin, or remove `container` from the config)")
+        t0 = time.monotonic()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "endpoints.json").unlink(missing_ok=True)
+        self.state.save()
+        head = self.plan.step("head")
+        self._spawn(head, {})
+        endpoints = self.state_dir / "endpoints.json"
+        self._wait("head", endpoints.exists, 60)
+        self.state.endpoints = json.loads(endpoints.read_text())
+        on_ready("etcd", f"{head.nodes[0]}  {self.state.endpoints['etcd']}", time.monotonic() - t0)
+        on_ready("nats", f"{head.nodes[0]}  {self.state.endpoints['nats']}", time.monotonic() - t0)
+        services = {"HPC_ETCD": self.state.endpoints["etcd"], "HPC_NATS": self.state.endpoints["nats"]}
+        self._spawn(self.plan.step("frontend"), services)
+        for step in self.plan.workers():  # workers load while the frontend starts
+            self._spawn(step, services)
+        fe_log = Path(self.state.steps["frontend"]["log"])
+        self._wait("frontend", lambda: "HPC_FRONTEND_READY" in fe_log.read_text(errors="replace"), 60)
+        self.state.frontend_url = re.search(r"HPC_FRONTEND_READY (\S+)", fe_log.read_text()).group(1)
+        on_ready("frontend", f"{head.nodes[0]}  {self.state.frontend_url}", time.monotonic() - t0)
+        for step in self.plan.workers():
+            log = Path(self.state.steps[step.name]["log"])
+            self._wait(step.name, lambda: f"HPC_WORKER_READY {step.name}" in log.read_text(errors="replace"),
+                       timeout)
+            gpus = f" GPUs {','.join(map(str, step.gpus))}" if step.gpus else ""
+            on_ready(step.name, f"{','.join(step.nodes)} ({step.ntasks} rank{'s' * (step.ntasks > 1)}{gpus})",
+                     time.monotonic() - t0)
+        self._wait("frontend", self.healthy, 60)
+        self.state.ready_after = time.monotonic() - t0
+        self.state.save()
+        on_ready("model", f"{self.dep.model.name} at {self.state.frontend_url}/v1", self.state.ready_after)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.state.frontend_url}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+
+def stop_deployment(state: LaunchState, env: dict, timeout: float = 30) -> list[str]:
+    """Cancel the deployment's own steps (workers first, then frontend, then head), confirm they are gone,
+    release the allocation if we asked for it. Returns what is still there."""
+    left = []
+    if state.job_id and commands.job_state(state.job_id, env):
+        names = list(state.steps)
+        order = [n for n in names if n not in ("frontend", "head")] + [n for n in ("frontend", "head") if n in names]
+        running = commands.job_steps(state.job_id, env)
+        for name in order:
+            sid = running.get(f"hpc.{state.deployment}.{name}")
+            if sid:
+                commands.scancel([sid], env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            mine = [n for n in commands.job_steps(state.job_id, env) if n.startswith(f"hpc.{state.deployment}.")]
+            if not mine:
+                break
+            time.sleep(0.2)
+        else:
+            left.extend(mine)
+    for name, info in state.steps.items():  # the srun clients end with their steps; make sure, by PID
+        pid = Pid(info["pid"], info.get("start", 0))
+        if pid.alive() and not stop(pid, timeout=5):
+            left.append(f"srun {name} (pid {pid.pid})")
+    if state.created_allocation and state.job_id:
+        commands.scancel([state.job_id], env)
+        deadline = time.monotonic() + timeout
+        while commands.job_state(state.job_id, env) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if commands.job_state(state.job_id, env):
+            left.append(f"job {state.job_id}")
+    if not left:
+        LaunchState.path(state.deployment).unlink(missing_ok=True)
+    return left
