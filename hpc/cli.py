@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from hpc.errors import HpcError
 
@@ -280,6 +281,106 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
+def _sbatch_extra(gpus_per_node, time_limit, partition, account) -> list[str]:
+    extra = [f"--gres=gpu:{gpus_per_node}"] if gpus_per_node else []
+    return extra + [f"--{k}={v}" for k, v in (("time", time_limit), ("partition", partition), ("account", account))
+                    if v]
+
+
+def _template(name: str):
+    import jinja2
+
+    from hpc.render import TEMPLATES
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             comment_start_string="<#--", comment_end_string="--#>")
+    return env.get_template(name)
+
+
+@app.command()
+def submit(config: Path = typer.Argument(..., help="Deployment YAML"),
+           nodes: int = typer.Option(..., help="Nodes to ask for"),
+           time_limit: Optional[str] = typer.Option(None, "--time", help="Time limit, e.g. 2:00:00"),
+           gpus_per_node: Optional[int] = typer.Option(None, help="GPUs per node"),
+           partition: Optional[str] = typer.Option(None), account: Optional[str] = typer.Option(None),
+           port: Optional[int] = typer.Option(None, help="Frontend port (0: a free one)")) -> None:
+    """Submit the launch as a batch job (sbatch); `hpc status`, `hpc logs` and `hpc stop` work on it."""
+    import os
+
+    from hpc.config import load_deployment
+    from hpc.launch import STATE_ROOT, LaunchState
+    from hpc.plan import Allocation, plan
+    from hpc.slurm import commands
+
+    dep = load_deployment(config)
+    # Refuse now what cannot fit, rather than in the queue hours later.
+    plan(dep, Allocation(None, tuple(f"node{i}" for i in range(nodes)),
+                         gpus_per_node if gpus_per_node is not None else dep.cluster.gpus_per_node),
+         str(config), ".hpc")
+    state_dir = STATE_ROOT / dep.name
+    state_dir.mkdir(parents=True, exist_ok=True)
+    script = state_dir / "sbatch_launch.sh"
+    script.write_text(_template("sbatch_launch.sh.j2").render(
+        name=dep.name, nodes=nodes, log=str((state_dir / "sbatch-%j.log").resolve()),
+        extra=_sbatch_extra(gpus_per_node, time_limit, partition, account), python=sys.executable,
+        config=str(config.resolve()), port=port))
+    out = commands.run(["sbatch", "--parsable", str(script)], env=dict(os.environ))
+    job = out.strip().split(";")[0]
+    LaunchState(dep.name, str(config.resolve()), job, True, [], str(state_dir.resolve())).save()
+    console.print(f"submitted job {job}: `hpc status {dep.name}`, `hpc logs frontend`, `hpc stop {dep.name}`")
+
+
+@app.command()
+def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML"),
+          results: Path = typer.Option(Path("results"), help="Results root; this sweep writes RESULTS/<name>/"),
+          wait: bool = typer.Option(False, "--wait", help="Block until every task has finished")) -> None:
+    """Run variants of a deployment as an sbatch job array; each task benchmarks its variant."""
+    import os
+
+    from hpc.slurm import commands
+    from hpc.sweep import load_sweep, variants
+
+    sw = load_sweep(sweep_file)
+    out = (results / sw.name).resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    points = variants(sw, sweep_file, out)
+    script = out / "sbatch_sweep.sh"
+    script.write_text(_template("sbatch_sweep.sh.j2").render(
+        sweep=sw.name, nodes=sw.nodes, count=len(points), results=str(out), python=sys.executable,
+        extra=_sbatch_extra(sw.gpus_per_node, sw.time, sw.partition, sw.account)))
+    argv = ["sbatch", "--parsable"] + (["--wait"] if wait else []) + [str(script)]
+    try:
+        job = commands.run(argv, env=dict(os.environ), timeout=24 * 3600 if wait else 30).strip().split(";")[0]
+    except HpcError as e:
+        if not wait:
+            raise
+        raise HpcError(f"some sweep tasks failed ({e}); logs in {out / 'logs'}") from None
+    console.print(f"sweep {sw.name}: {len(points)} variants, job array {job or '(finished)'}; results in {out}; "
+                  f"then `hpc report {out}`")
+
+
+@app.command()
+def report(results: Path = typer.Argument(..., help="A sweep's results folder"),
+           plot: Optional[Path] = typer.Option(None, help="Write a TTFT vs throughput-per-GPU PNG here"),
+           gpus: int = typer.Option(0, help="GPUs per variant, for throughput per GPU")) -> None:
+    """The table of a sweep's results (and a chart)."""
+    from hpc import bench as b
+    from hpc.sweep import report_rows
+
+    rows = report_rows(results)
+    if not rows:
+        raise HpcError(f"no task results (N.json) in {results}")
+    keys = [k for k in rows[0] if k not in ("requests", "errors") and not k.endswith(("p90_ms", "p99_ms"))]
+    table = Table(*keys, title=str(results))
+    for r in rows:
+        table.add_row(*(str(r.get(k, "")) for k in keys))
+    console.print(table)
+    if plot:
+        b.plot(rows, plot, gpus)
+        console.print(f"plot: {plot}")
+
+
 @app.command("stop")
 def stop_cmd(deployment: Optional[str] = typer.Argument(None, help="Deployment name (default: the latest)")) -> None:
     """Cancel exactly the steps `hpc launch` started (scancel JOB.STEP), and its allocation if it made one."""
@@ -379,8 +480,8 @@ def _print_nodes(cluster) -> None:
 def main() -> None:
     try:
         app()
-    except HpcError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+    except HpcError as e:  # one clear message, unwrapped, no markup read into it
+        err.print(Text("error: ", style="red") + Text(str(e)), soft_wrap=True, highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -113,7 +113,9 @@ class Launcher:
         self.env = dict(env if env is not None else os.environ)
         self.python = python if dep.container is None else "python3"
         self.state_dir = (STATE_ROOT / dep.name).resolve()
-        self.state = LaunchState(dep.name, plan.config, plan.allocation.job_id, plan.allocation.created,
+        # A submitted job (hpc submit) is ours to end: `hpc stop` then cancels the whole job.
+        ours = plan.allocation.created or self.env.get("HPC_SUBMITTED") == "1"
+        self.state = LaunchState(dep.name, plan.config, plan.allocation.job_id, ours,
                                  list(plan.allocation.nodes), str(self.state_dir))
         self.popens: dict[str, subprocess.Popen] = {}
 
@@ -124,7 +126,7 @@ class Launcher:
         env = {**self.env, **extra_env, **commands.step_env(step)}
         if self.dep.container:
             env.update(self.dep.container.env)
-        with open(log, "ab") as out:
+        with open(log, "wb") as out:  # fresh: readiness is read from this log
             popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                      start_new_session=True)
         self.popens[step.name] = popen
