@@ -381,6 +381,49 @@ def report(results: Path = typer.Argument(..., help="A sweep's results folder"),
         console.print(f"plot: {plot}")
 
 
+@app.command(context_settings={"ignore_unknown_options": True})  # so that -1 is the change, not an option
+def scale(role: str = typer.Argument(..., help="prefill, decode, aggregated or encode"),
+          change: str = typer.Argument(..., help="+N to add workers, -N to drain and stop some"),
+          deployment: Optional[str] = typer.Option(None, help="Deployment name (default: the latest)")) -> None:
+    """Add worker steps to the running deployment, or drain and stop some."""
+    import os
+    import re as _re
+
+    from hpc.config import load_deployment
+    from hpc.launch import Launcher, LaunchState, stop_steps
+    from hpc.plan import Allocation, plan
+
+    m = _re.fullmatch(r"([+-])(\d+)", change.strip())
+    if not m or int(m.group(2)) == 0:
+        raise HpcError(f"{change!r}: expected +N or -N, e.g. +1")
+    state = LaunchState.load(deployment)
+    env = dict(os.environ)
+    current = sorted((n for n, i in state.steps.items() if i.get("role") == role), key=lambda n: int(n.rsplit("-", 1)[1]))
+    if m.group(1) == "-":
+        victims = current[-int(m.group(2)):]
+        if not victims:
+            raise HpcError(f"{state.deployment} has no {role} workers")
+        left = stop_steps(state, victims, env)
+        if left:
+            raise HpcError(f"still running after 60 s: {', '.join(left)}")
+        console.print(f"drained and stopped {', '.join(victims)}")
+        return
+    dep = load_deployment(state.config)
+    spec = getattr(dep.workers, role, None) if role in ("prefill", "decode", "aggregated", "encode") else None
+    if spec is None:
+        raise HpcError(f"{state.deployment} has no workers.{role} in {state.config}")
+    total = len(current) + int(m.group(2))
+    bigger = dep.model_copy(update={"workers": dep.workers.model_copy(
+        update={role: spec.model_copy(update={"replicas": total})})})
+    alloc = Allocation(state.job_id, tuple(state.nodes), state.gpus_per_node, state.created_allocation)
+    p = plan(bigger, alloc, state.config, state.state_dir)
+    new = [s for s in p.workers() if s.role == role and s.name not in state.steps]
+    launcher = Launcher(bigger, p, env, state=state)
+    launcher.scale_up(new, lambda name, detail, secs: console.print(f"  [green]✓[/green] {name:12} {detail} "
+                                                                     f"{secs:6.1f} s"))
+    console.print(f"{role}: {total} workers")
+
+
 @app.command("stop")
 def stop_cmd(deployment: Optional[str] = typer.Argument(None, help="Deployment name (default: the latest)")) -> None:
     """Cancel exactly the steps `hpc launch` started (scancel JOB.STEP), and its allocation if it made one."""

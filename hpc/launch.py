@@ -32,6 +32,7 @@ class LaunchState:
     created_allocation: bool
     nodes: list[str]
     state_dir: str
+    gpus_per_node: int = 0
     endpoints: dict = field(default_factory=dict)
     frontend_url: str | None = None
     steps: dict = field(default_factory=dict)  # name -> {"nodes", "pid", "log", "role"}
@@ -108,15 +109,17 @@ def request_allocation(name: str, nodes: int, gpus_per_node: int | None, time_li
 
 
 class Launcher:
-    def __init__(self, dep: Deployment, plan: Plan, env: dict | None = None, python: str = sys.executable):
+    def __init__(self, dep: Deployment, plan: Plan, env: dict | None = None, python: str = sys.executable,
+                 state: LaunchState | None = None):
         self.dep, self.plan = dep, plan
         self.env = dict(env if env is not None else os.environ)
         self.python = python if dep.container is None else "python3"
         self.state_dir = (STATE_ROOT / dep.name).resolve()
         # A submitted job (hpc submit) is ours to end: `hpc stop` then cancels the whole job.
         ours = plan.allocation.created or self.env.get("HPC_SUBMITTED") == "1"
-        self.state = LaunchState(dep.name, plan.config, plan.allocation.job_id, ours,
-                                 list(plan.allocation.nodes), str(self.state_dir))
+        self.state = state or LaunchState(dep.name, plan.config, plan.allocation.job_id, ours,
+                                          list(plan.allocation.nodes), str(self.state_dir),
+                                          plan.allocation.gpus_per_node)
         self.popens: dict[str, subprocess.Popen] = {}
 
     def _spawn(self, step: Step, extra_env: dict) -> None:
@@ -168,17 +171,27 @@ class Launcher:
         self._wait("frontend", lambda: "HPC_FRONTEND_READY" in fe_log.read_text(errors="replace"), 60)
         self.state.frontend_url = re.search(r"HPC_FRONTEND_READY (\S+)", fe_log.read_text()).group(1)
         on_ready("frontend", f"{head.nodes[0]}  {self.state.frontend_url}", time.monotonic() - t0)
-        for step in self.plan.workers():
+        self.wait_workers(self.plan.workers(), on_ready, t0, timeout)
+        self._wait("frontend", self.healthy, 60)
+        self.state.ready_after = time.monotonic() - t0
+        self.state.save()
+        on_ready("model", f"{self.dep.model.name} at {self.state.frontend_url}/v1", self.state.ready_after)
+
+    def wait_workers(self, steps: list[Step], on_ready, t0: float, timeout: float) -> None:
+        for step in steps:
             log = Path(self.state.steps[step.name]["log"])
             self._wait(step.name, lambda: f"HPC_WORKER_READY {step.name}" in log.read_text(errors="replace"),
                        timeout)
             gpus = f" GPUs {','.join(map(str, step.gpus))}" if step.gpus else ""
             on_ready(step.name, f"{','.join(step.nodes)} ({step.ntasks} rank{'s' * (step.ntasks > 1)}{gpus})",
                      time.monotonic() - t0)
-        self._wait("frontend", self.healthy, 60)
-        self.state.ready_after = time.monotonic() - t0
-        self.state.save()
-        on_ready("model", f"{self.dep.model.name} at {self.state.frontend_url}/v1", self.state.ready_after)
+
+    def scale_up(self, steps: list[Step], on_ready, timeout: float = 600) -> None:
+        """Start more worker steps in the running deployment (the head services are already there)."""
+        services = {"HPC_ETCD": self.state.endpoints["etcd"], "HPC_NATS": self.state.endpoints["nats"]}
+        for step in steps:
+            self._spawn(step, services)
+        self.wait_workers(steps, on_ready, time.monotonic(), timeout)
 
     def healthy(self) -> bool:
         try:
@@ -186,6 +199,24 @@ class Launcher:
                 return r.status == 200
         except OSError:
             return False
+
+
+def stop_steps(state: LaunchState, names: list[str], env: dict, timeout: float = 60) -> list[str]:
+    """Cancel some worker steps (SIGTERM: each worker leaves etcd, then finishes its requests) and wait."""
+    running = commands.job_steps(state.job_id, env)
+    ids = [running[f"hpc.{state.deployment}.{n}"] for n in names if f"hpc.{state.deployment}.{n}" in running]
+    commands.scancel(ids, env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [n for n in names if f"hpc.{state.deployment}.{n}" in commands.job_steps(state.job_id, env)]
+        if not left:
+            break
+        time.sleep(0.2)
+    for n in names:
+        if n not in left:
+            state.steps.pop(n, None)
+    state.save()
+    return left
 
 
 def stop_deployment(state: LaunchState, env: dict, timeout: float = 30) -> list[str]:

@@ -223,3 +223,22 @@ def test_plan_places_gpu_workers():
     assert p.step("decode-0").nodes == tuple(f"n{i}" for i in range(4, 12)) and p.step("decode-0").ntasks == 32
     with pytest.raises(PlanError, match="the workers need 48 GPUs; the allocation has 12 nodes x 2 GPUs"):
         plan(dep, Allocation("1", tuple(f"n{i}" for i in range(12)), 2), "c.yaml", ".hpc/x")
+
+
+def test_scale_adds_and_drains_workers(env):
+    hpc(["launch", "configs/tiny-agg.yaml", "--nodes", "3", "--port", "0", "--detach"], env)
+    try:
+        out = hpc(["scale", "aggregated", "+1", "--deployment", "tiny-agg"], env).stdout
+        assert re.search(r"aggregated-1\s+n3", out), out
+        state = json.loads((REPO / ".hpc" / "tiny-agg.json").read_text())
+        assert "aggregated-1" in hpc(["status", "tiny-agg"], env).stdout
+        answers = {chat(state["frontend_url"]) for _ in range(4)}  # both workers serve, with the same answer
+        assert len(answers) == 1
+        assert "aggregated-1" in hpc(["scale", "aggregated", "-1", "--deployment", "tiny-agg"], env).stdout
+        assert [s for s in squeue(env, steps=True) if "aggregated-1" in s] == []
+        assert chat(state["frontend_url"]) in answers
+        bad = hpc(["scale", "aggregated", "two"], env, check=False)
+        assert bad.returncode == 1 and "expected +N or -N" in bad.stderr
+    finally:
+        hpc(["stop", "tiny-agg"], env)
+    assert squeue(env) == []
