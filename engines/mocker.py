@@ -104,9 +104,10 @@ class MockerEngine:
         finally:
             self._waiting -= 1
 
-    async def prefill(self, req: EngineRequest) -> PrefillOutput:
+    async def _first_token(self, req: EngineRequest, reserve_tokens: int) -> tuple[int, str | None, list[int]]:
+        """Prefill, then the first token; the blocks are freed again if that token already ends the request."""
         self._check(req)
-        blocks = self._alloc.allocate(req.request_id, blocks_for(len(req.prompt), self.o.block_size))
+        blocks = self._alloc.allocate(req.request_id, blocks_for(reserve_tokens, self.o.block_size))
         try:
             await self._compute_prefill(req, blocks)
         except BaseException:
@@ -117,6 +118,11 @@ class MockerEngine:
         reason = self._reason(req, first, 1)
         if reason:
             self._alloc.free_owner(req.request_id)
+        return first, reason, blocks
+
+    async def prefill(self, req: EngineRequest) -> PrefillOutput:
+        first, reason, blocks = await self._first_token(req, len(req.prompt))
+        if reason:
             return PrefillOutput(first, reason, [], len(req.prompt))
         self._held.add(req.request_id)
         return PrefillOutput(first, None, blocks, len(req.prompt))
@@ -135,19 +141,8 @@ class MockerEngine:
             r.queue.put_nowait(TokenOutput([], "cancelled"))
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]:
-        self._check(req)
-        blocks = self._alloc.allocate(req.request_id,
-                                      blocks_for(len(req.prompt) + req.sampling.max_tokens, self.o.block_size))
-        try:
-            await self._compute_prefill(req, blocks)
-        except BaseException:
-            self._alloc.free_owner(req.request_id)
-            raise
-        first = self._token(req, 0)
-        self._generated_tokens += 1
-        reason = self._reason(req, first, 1)
+        first, reason, _ = await self._first_token(req, len(req.prompt) + req.sampling.max_tokens)
         if reason:
-            self._alloc.free_owner(req.request_id)
             yield TokenOutput([first], reason)
             return
         yield TokenOutput([first])

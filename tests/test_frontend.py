@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from harness import MOCKER_YAML, start_worker
+from harness import start_worker
 from hpc.config import load_deployment
 from hpc.procs import Pid, free_port, stop
 from hpc.runtime.client import ServingClient

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
@@ -105,12 +104,12 @@ def test_two_rank_worker_across_two_nodes_inside_an_allocation(env, work_dir):
     (work_dir / "tp2-engine.yaml").write_text((REPO / "configs/engines/tiny/torch.yaml").read_text()
                                               + "tensor_parallel_size: 2\n")
     cfg = work_dir / "tp2.yaml"
-    cfg.write_text(f"""name: tp2
-model: {{path: "${{HPC_MODEL_DIR}}", served_name: tiny-llama}}
-cluster: {{gpus_per_node: 0}}
-frontend: {{port: 0}}
+    cfg.write_text("""name: tp2
+model: {path: "${HPC_MODEL_DIR}", served_name: tiny-llama}
+cluster: {gpus_per_node: 0}
+frontend: {port: 0}
 workers:
-  aggregated: {{engine: torch, engine_config: tp2-engine.yaml, tensor_parallel_size: 2}}
+  aggregated: {engine: torch, engine_config: tp2-engine.yaml, tensor_parallel_size: 2}
 """)
     job = subprocess.run(["salloc", "--no-shell", "-N3", "-J", "outer"], env=env, capture_output=True, text=True,
                          timeout=60)

@@ -130,7 +130,10 @@ class Worker:
         if self.transfer:
             self.transfer.close()
         await self.bus.close()
-        await self.etcd.close()
+        try:
+            await asyncio.wait_for(self.etcd.close(), 5)
+        except asyncio.TimeoutError:
+            pass
 
     async def housekeeping(self) -> None:
         """Frees prefilled blocks once read (NIXL notification) or once too old; publishes load for routers."""

@@ -6,6 +6,7 @@ waiting out its timeout. A consumer that stops early cancels the request on the 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 from typing import AsyncIterator, Callable
@@ -61,7 +62,10 @@ class ServingClient:
     async def close(self) -> None:
         await self.directory.stop()
         await self.bus.close()
-        await self.etcd.close()
+        try:
+            await asyncio.wait_for(self.etcd.close(), 5)
+        except asyncio.TimeoutError:
+            pass
 
     async def __aenter__(self):
         return await self.start()

@@ -86,6 +86,7 @@ class WorkerDirectory:
         self._gone: dict[str, asyncio.Event] = {}
         self._listeners: list[Callable[[], None]] = []
         self._task: asyncio.Task | None = None
+        self._stopped = False
         self.synced = asyncio.Event()
 
     async def start(self) -> None:
@@ -157,10 +158,18 @@ class WorkerDirectory:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                log.warning("etcd watch on %s failed (%s); re-syncing", self.prefix, e)
+                if self._stopped:  # aetcd reports our own cancellation as an error: do not reconnect
+                    return
+                log.warning("etcd watch on %s failed (%s); re-syncing", self.prefix, str(e) or type(e).__name__)
                 revision = None
                 await asyncio.sleep(0.5)
 
     async def stop(self) -> None:
+        """Stop watching, and wait until the watch task has ended (before the client closes)."""
+        self._stopped = True
         if self._task:
             self._task.cancel()
+            try:
+                await asyncio.wait_for(self._task, 3)
+            except BaseException:  # cancelled, timed out, or it failed: it is over either way
+                pass
