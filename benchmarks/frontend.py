@@ -5,7 +5,8 @@
 Starts `configs/tiny-mocker.yaml`-like deployments through `hpc serve`'s local backend (etcd, NATS, frontend,
 mocker workers; aggregated and disaggregated), then streams 16-token requests through the frontend. With zero
 simulated compute, TTFT is what the frontend, NATS, the router and the worker loop add; requests/s is the
-sustained rate. Prints a table and writes benchmarks/results/frontend.json."""
+sustained rate. At concurrency 1 the same requests also go straight to the workers through the runtime client
+(no HTTP): the difference is what the frontend adds. Prints a table and writes benchmarks/results/frontend.json."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import argparse
 import asyncio
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,6 +35,23 @@ def deployment(d: Path, name: str, workers: str) -> Path:
     p.write_text(f"name: {name}\nmodel: {{path: {d / 'model'}, served_name: mock}}\ncluster: {{gpus_per_node: 0}}\n"
                  f"workers:\n{workers}")
     return p
+
+
+async def direct_ttft_ms(local: LocalDeployment, n: int, osl: int) -> tuple[float, float]:
+    """TTFT p50/p99 of the same requests sent straight to the workers (no HTTP, no frontend), one at a time."""
+    from hpc.runtime.client import ServingClient
+    from hpc.runtime.protocol import Sampling
+
+    ttfts = []
+    async with ServingClient(local.dep.name, local.etcd.url, local.nats.url) as client:
+        for prompt in bench.make_prompts(n, 32, 10, 500, seed=99):
+            t0 = time.perf_counter()
+            stream = client.generate("mock", prompt, Sampling(max_tokens=osl, ignore_eos=True))
+            await stream.__anext__()
+            ttfts.append(time.perf_counter() - t0)
+            async for _ in stream:
+                pass
+    return 1000 * bench.percentile(ttfts[10:], 50), 1000 * bench.percentile(ttfts[10:], 99)
 
 
 async def measure(url: str, levels: list[int], n: int, osl: int) -> list[dict]:
@@ -61,15 +80,26 @@ def main() -> None:
         local = LocalDeployment(load_deployment(deployment(d, f"bench-{mode[:3]}", workers)), d / mode)
         local.start()
         try:
+            direct50, direct99 = asyncio.run(direct_ttft_ms(local, 200, args.osl))
             for r in asyncio.run(measure(local.url, levels, args.requests, args.osl)):
                 rows.append({"mode": mode, **{k: r[k] for k in ("concurrency", "requests", "errors", "ttft_p50_ms",
                                                                "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
                                                                "req_s", "output_tok_s")}})
+                if r["concurrency"] == 1:
+                    rows[-1]["direct_ttft_p50_ms"] = round(direct50, 2)
+                    rows[-1]["added_p50_ms"] = round(r["ttft_p50_ms"] - direct50, 2)
+                    rows[-1]["added_p99_ms"] = round(r["ttft_p99_ms"] - direct99, 2)
                 print(rows[-1], flush=True)
         finally:
             local.stop()
     path = write_result("frontend", rows, {"osl": args.osl, "isl": 32, "cpu_cores": __import__("os").cpu_count()})
-    print(table(rows, list(rows[0])))
+    print(table(rows, ["mode", "concurrency", "errors", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
+                       "req_s"]))
+    for r in rows:
+        if "added_p50_ms" in r:
+            print(f"{r['mode']}, concurrency 1: TTFT through the frontend {r['ttft_p50_ms']} ms p50, straight to the "
+                  f"workers {r['direct_ttft_p50_ms']} ms: the frontend adds {r['added_p50_ms']} ms p50, "
+                  f"{r['added_p99_ms']} ms p99")
     print(f"Written to {path}")
 
 
