@@ -335,6 +335,11 @@ def check_deployment(dep: Deployment, path: Path) -> list[str]:
         if n % spec.expert_parallel_size:
             problems.append(f"{where}.expert_parallel_size: {spec.expert_parallel_size} does not divide the "
                             f"{n} GPUs of a worker")
+        if spec.engine == "torch" and role != "aggregated" and spec.gpus_per_worker > 1:
+            problems.append(f"{where}.tensor_parallel_size: the reference engine runs tensor or pipeline parallel "
+                            f"for aggregated workers only (each rank would hold part of the KV to transfer)")
+        if spec.engine == "torch" and spec.pipeline_parallel_size > 1:
+            problems.append(f"{where}.pipeline_parallel_size: the reference engine has no pipeline parallelism")
         if spec.engine == "trtllm" and spec.engine_config is None:
             problems.append(f"{where}.engine_config: required for engine trtllm")
         cfg_path = dep.engine_config_path(role)

@@ -18,8 +18,8 @@ name: t
 model: {path: /m, served_name: tiny}
 cluster: {gpus_per_node: 4}
 workers:
-  prefill: {engine: torch, engine_config: eng.yaml, tensor_parallel_size: 2}
-  decode: {engine: torch, engine_config: eng.yaml, tensor_parallel_size: 2}
+  prefill: {engine: trtllm, engine_config: eng.yaml, tensor_parallel_size: 2}
+  decode: {engine: trtllm, engine_config: eng.yaml, tensor_parallel_size: 2}
 """
 ENGINE = "tensor_parallel_size: 2\nmax_num_tokens: 512\n"
 
@@ -60,18 +60,21 @@ BROKEN = {
     "missing engine config": (GOOD.replace("eng.yaml", "nope.yaml"), ENGINE, "nope.yaml: file not found"),
     "negative replicas": (GOOD.replace("tensor_parallel_size: 2}", "tensor_parallel_size: 2, replicas: -1}", 1),
                           ENGINE, "workers.prefill.replicas: Input should be greater than or equal to 0"),
-    "unknown engine": (GOOD.replace("engine: torch", "engine: vllm", 1), ENGINE,
+    "unknown engine": (GOOD.replace("engine: trtllm", "engine: vllm", 1), ENGINE,
                        "workers.prefill.engine: Input should be 'trtllm', 'torch' or 'mocker'"),
     "missing model": ("\n".join(l for l in GOOD.splitlines() if not l.startswith("model")), ENGINE,
                       "model: required field is missing"),
-    "prefill without decode": (GOOD.replace("  decode: {engine: torch, engine_config: eng.yaml, tensor_parallel_size: 2}\n",
+    "reference engine tp for disaggregation": (GOOD.replace("engine: trtllm", "engine: torch"), ENGINE,
+                                               "the reference engine runs tensor or pipeline parallel for "
+                                               "aggregated workers only"),
+    "prefill without decode": (GOOD.replace("  decode: {engine: trtllm, engine_config: eng.yaml, tensor_parallel_size: 2}\n",
                                             ""), ENGINE, "workers.decode: required field is missing"),
     "engine tp differs": (GOOD, "tensor_parallel_size: 4\n",
                           "tensor_parallel_size: 4 differs from workers.prefill.tensor_parallel_size: 2"),
     "unknown engine field": (GOOD, ENGINE + "max_num_tokenz: 5\n", "max_num_tokenz: unknown field"),
     "engine field wrong type": (GOOD, ENGINE + "kv_cache_config: {free_gpu_memory_fraction: 1.5}\n",
                                 "kv_cache_config.free_gpu_memory_fraction: Input should be less than or equal to 1"),
-    "encode without multimodal": (GOOD + "  encode: {engine: torch}\n", ENGINE,
+    "encode without multimodal": (GOOD + "  encode: {engine: mocker}\n", ENGINE,
                                   "workers.encode: encode workers need model.modality: multimodal"),
     "not a mapping": ("- a\n- b\n", ENGINE, "expected a mapping of deployment fields"),
     "bad name": (GOOD.replace("name: t\n", "name: 'has space'\n", 1), ENGINE, "name: String should match pattern"),
@@ -99,7 +102,7 @@ def test_env_substitution_with_defaults():
 
 
 def test_cli_validate_prints_problems_without_traceback(tmp_path):
-    bad = write(tmp_path, GOOD.replace("engine: torch", "engine: vllm", 1))
+    bad = write(tmp_path, GOOD.replace("engine: trtllm", "engine: vllm", 1))
     good = REPO / "configs" / "tiny-agg.yaml"
     out = subprocess.run([sys.executable, "-m", "hpc", "validate", str(good), str(bad)], capture_output=True,
                          text=True, timeout=60)

@@ -100,7 +100,7 @@ def test_launch_creates_allocation_serves_and_stop_releases(env, tiny_model):
     print(f"launch-to-ready {ready:.1f} s, stop + processes gone {time.monotonic() - t0:.1f} s")
 
 
-def test_two_rank_worker_across_two_nodes_inside_an_allocation(env, work_dir):
+def test_two_rank_worker_across_two_nodes_inside_an_allocation(env, work_dir, tiny_model):
     (work_dir / "tp2-engine.yaml").write_text((REPO / "configs/engines/tiny/torch.yaml").read_text()
                                               + "tensor_parallel_size: 2\n")
     cfg = work_dir / "tp2.yaml"
@@ -119,9 +119,10 @@ workers:
         out = hpc(["launch", str(cfg), "--detach"], inside).stdout
         assert re.search(r"aggregated-0\s+n2,n3 \(2 ranks\)", out), out
         state = json.loads((REPO / ".hpc" / "tp2.json").read_text())
-        assert chat(state["frontend_url"])
-        assert "rank 1 of 2 following aggregated-0" in hpc(["logs", "aggregated-0", "--deployment", "tp2"],
-                                                           inside).stdout
+        # Tensor parallel across two nodes (gloo): the same greedy answer as the whole model in one process.
+        assert chat(state["frontend_url"]) == reference_answer(tiny_model, 10)
+        log = hpc(["logs", "aggregated-0", "--deployment", "tp2"], inside).stdout
+        assert "rank 0 of 2: tensor parallel on cpu" in log and "rank 1 of 2: tensor parallel on cpu" in log
         hpc(["stop", "tp2"], inside)
         assert squeue(env, steps=True) == [] or all("outer" in s or "extern" in s for s in squeue(env, True))
         assert squeue(env) != []  # not ours: the allocation stays

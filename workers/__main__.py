@@ -15,6 +15,7 @@ import sys
 from engines.base import EngineError
 from hpc.config import EngineConfig, load_deployment, load_engine_config
 from hpc.errors import HpcError
+from workers.engines import build_engine
 from workers.worker import Worker, WorkerOptions
 
 
@@ -83,6 +84,23 @@ async def follow(rank: int, size: int, worker_id: str) -> None:
     await stop.wait()
 
 
+def tensor_parallel(options: WorkerOptions, rank: int, size: int):
+    """The reference engine over `size` ranks: one process group, one GPU (or CPU process) per rank."""
+    import torch
+
+    from engines.torch.parallel import init_from_mpi
+
+    if options.engine_config.tensor_parallel_size != size:
+        raise HpcError(f"{size} MPI ranks but tensor_parallel_size is {options.engine_config.tensor_parallel_size}")
+    device = torch.device("cpu")
+    if options.engine_config.device != "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("SLURM_LOCALID", "0")))
+        torch.cuda.set_device(device)
+        options.engine_config = options.engine_config.model_copy(update={"device": "cuda"})
+    logging.getLogger("workers").info("rank %d of %d: tensor parallel on %s", rank, size, device)
+    return init_from_mpi(device)
+
+
 def main(argv=None) -> None:
     logging.basicConfig(level=os.environ.get("HPC_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -90,10 +108,17 @@ def main(argv=None) -> None:
         options = parse(argv)
         rank, size = mpi_rank()
         options.mpi_size = size
-        if rank > 0:
+        tp = None
+        if size > 1 and options.engine == "torch":
+            tp = tensor_parallel(options, rank, size)
+            if rank > 0:
+                build_engine(options.engine, options.model_path, options.engine_config, options.random_weights,
+                             tp=tp).follow()
+                return
+        elif rank > 0:
             asyncio.run(follow(rank, size, options.worker_id))
             return
-        asyncio.run(Worker(options).run())
+        asyncio.run(Worker(options, tp=tp).run())
     except (HpcError, EngineError) as e:  # bad config, unreachable service, bad model directory
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

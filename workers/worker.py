@@ -65,8 +65,9 @@ def engine_layout(layout: KvLayout) -> EngineLayout:
 
 
 class Worker:
-    def __init__(self, o: WorkerOptions):
+    def __init__(self, o: WorkerOptions, tp=None):
         self.o = o
+        self.tp = tp  # rank 0 of a tensor-parallel reference engine
         self.subjects = Subjects(o.deployment)
         self.keys = Keys(o.deployment)
         self.metrics = WorkerMetrics(o.role, o.worker_id)
@@ -86,7 +87,7 @@ class Worker:
 
             if torch.cuda.is_available():
                 ensure_cuda_context(torch.cuda.current_device())  # before the NIXL agent: see transfer.py
-        self.engine = build_engine(o.engine, o.model_path, o.engine_config, o.random_weights)
+        self.engine = build_engine(o.engine, o.model_path, o.engine_config, o.random_weights, tp=self.tp)
         self.engine.start(loop)
         if o.role in ("prefill", "decode"):
             self.transfer = KvTransfer(f"{o.deployment}.{o.worker_id}", self.engine.kv_pool(),

@@ -51,7 +51,6 @@ class _Seq:
     num_computed: int = 0
     generated: int = 0
     blocks: list[int] = field(default_factory=list)
-    block_table: torch.Tensor | None = None
 
     @property
     def id(self) -> str:
@@ -68,13 +67,18 @@ def pick_device(name: str) -> torch.device:
 
 class TorchEngine:
     def __init__(self, model_dir: str | Path, options: TorchEngineOptions | None = None,
-                 model: LlamaForCausalLM | None = None):
+                 model: LlamaForCausalLM | None = None, tp=None):
         self.options = o = options or TorchEngineOptions()
         self.device = pick_device(o.device)
         if model is None:
             dtype = resolve_dtype(o.dtype, self.device)
             model = (random_model(read_config(Path(model_dir)), self.device, dtype, o.seed) if o.random_weights
                      else load_model(model_dir, self.device, o.dtype))
+        self.tp = tp  # engines.torch.parallel.TensorParallel: this rank's shard of a tensor-parallel model
+        if tp is not None and tp.size > 1:
+            from engines.torch.parallel import shard_
+
+            shard_(model, tp)
         self.model = model
         cfg = model.config
         self.dtype = next(model.parameters()).dtype
@@ -267,26 +271,20 @@ class TorchEngine:
         return batch
 
     def _step(self, batch: list[tuple[_Seq, int]]) -> None:
-        bs = self.options.block_size
         ids, positions, seqs, logit_rows, to_sample = [], [], [], [], []
         start = 0
         for seq, n in batch:
-            if seq.block_table is None:
-                seq.block_table = torch.tensor(seq.blocks, dtype=torch.long, device=self.device)
-            pos = range(seq.num_computed, seq.num_computed + n)
             ids.extend(seq.tokens[seq.num_computed: seq.num_computed + n])
-            positions.extend(pos)
-            seqs.append(SeqBatch(start, n, seq.num_computed, seq.block_table))
+            positions.extend(range(seq.num_computed, seq.num_computed + n))
+            seqs.append((start, n, seq.num_computed, seq.blocks))
             if seq.num_computed + n == len(seq.tokens):
                 logit_rows.append(start + n - 1)
                 to_sample.append(seq)
             start += n
-        dev = self.device
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        block_index = torch.cat([s.block_table[torch.arange(s.context_start, s.context_start + s.length,
-                                                            device=dev) // bs] for s in seqs])
-        logits = self.model(torch.tensor(ids, dtype=torch.long, device=dev), pos_t, seqs, self.pool,
-                            block_index, pos_t % bs, torch.tensor(logit_rows, dtype=torch.long, device=dev))
+        step = (ids, positions, seqs, logit_rows)
+        if self.tp is not None:
+            self.tp.broadcast(step)  # the other ranks run the same pass on their shards
+        logits = self._forward(step)
         for seq, n in batch:
             seq.num_computed += n
             if seq.mode != "decode" and seq.num_computed <= seq.num_prompt:
@@ -294,6 +292,26 @@ class TorchEngine:
         logits = logits.cpu()
         for row, seq in zip(logits, to_sample):
             self._emit(seq, sample(row, seq.req.sampling, seq.generated))
+
+    def _forward(self, step) -> torch.Tensor:
+        """One packed pass: step = (token ids, positions, [(start, length, context_start, block ids)], logit rows)."""
+        ids, positions, seqs, logit_rows = step
+        dev, bs = self.device, self.options.block_size
+        batches = [SeqBatch(start, n, ctx, torch.tensor(blocks, dtype=torch.long, device=dev))
+                   for start, n, ctx, blocks in seqs]
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        block_index = torch.cat([b.block_table[torch.arange(b.context_start, b.context_start + b.length,
+                                                            device=dev) // bs] for b in batches])
+        return self.model(torch.tensor(ids, dtype=torch.long, device=dev), pos, batches, self.pool, block_index,
+                          pos % bs, torch.tensor(logit_rows, dtype=torch.long, device=dev))
+
+    def follow(self) -> None:
+        """Ranks > 0: run every pass rank 0 broadcasts, until it broadcasts None or the process is stopped."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        with torch.inference_mode():
+            while (step := self.tp.broadcast(None)) is not None:
+                self._forward(step)
 
     def _finish_reason(self, seq: _Seq, token: int) -> str | None:
         p = seq.req.sampling

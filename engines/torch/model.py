@@ -208,10 +208,12 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.tp = None  # engines.torch.parallel.TensorParallel once sharded
 
     def kv_block_shape(self, block_size: int) -> tuple[int, ...]:
+        """One block of this rank's KV heads (all of them without tensor parallelism)."""
         c = self.config
-        return (c.num_hidden_layers, 2, block_size, c.num_key_value_heads, c.head_dim)
+        return (c.num_hidden_layers, 2, block_size, self.model.layers[0].self_attn.kvh, c.head_dim)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seqs: list[SeqBatch], pool: torch.Tensor,
@@ -221,10 +223,11 @@ class LlamaForCausalLM(nn.Module):
         freqs = positions[:, None].float() * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+        reduce = self.tp.all_reduce if self.tp is not None else (lambda t: t)
         for i, layer in enumerate(self.model.layers):
             h = layer.input_layernorm(x)
-            x = x + layer.self_attn(h, cos, sin, i, seqs, pool, slot_block, slot_off)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + reduce(layer.self_attn(h, cos, sin, i, seqs, pool, slot_block, slot_off))
+            x = x + reduce(layer.mlp(layer.post_attention_layernorm(x)))
         x = self.model.norm(x[logits_index])
         return self.lm_head(x).float()
 
