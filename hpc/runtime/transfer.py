@@ -74,9 +74,12 @@ class KvTransfer:
     """One per worker: the engine's KV pool registered with NIXL once, at start."""
 
     def __init__(self, name: str, pool, layout: KvLayout, host: str | None = None, intra_node: str = "auto",
-                 progress_thread: bool = False):
-        # NIXL's progress thread busy-polls a whole CPU core. We progress the agent ourselves instead: the reader
-        # polls its transfer, the owner polls for notifications (workers/worker.py housekeeping).
+                 progress_thread: bool | None = None):
+        # NIXL's progress thread busy-polls a whole CPU core. On GPU nodes it stays on: a VRAM READ did not finish
+        # without it while the owner was not polling (H200). For DRAM pools (CPU workers, the mocker, tests on small
+        # machines) it is off, and the agent is progressed by our polls: the reader polls its transfer, the owner
+        # polls for notifications (workers/worker.py housekeeping).
+        progress_thread = pool.is_cuda if progress_thread is None else progress_thread
         try:
             from nixl._api import nixl_agent, nixl_agent_config
         except ImportError:
