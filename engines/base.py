@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 
 class EngineError(Exception):
@@ -169,3 +169,20 @@ class OutputStream:
 
     async def get(self):
         return await self._queue.get()
+
+
+async def stream_until_finished(get: Callable[[], Awaitable[TokenOutput]],
+                                cancel: Callable[[], None]) -> AsyncIterator[TokenOutput]:
+    """Yield a request's outputs until one finishes it; a consumer that leaves early cancels the request, so the
+    engine stops working on it and frees its blocks."""
+    finished = False
+    try:
+        while True:
+            out = await get()
+            yield out
+            if out.finish_reason:
+                finished = True
+                return
+    finally:
+        if not finished:
+            cancel()

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 import torch
 
 from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStats, KvLayout, PrefillOutput,
-                          TokenOutput, blocks_for)
+                          TokenOutput, blocks_for, stream_until_finished)
 
 
 @dataclass
@@ -154,21 +154,11 @@ class MockerEngine:
         self._check(req)
         return self._decode_stream(req, num_tokens + 1, 1)
 
-    async def _decode_stream(self, req: EngineRequest, context: int, generated: int) -> AsyncIterator[TokenOutput]:
+    def _decode_stream(self, req: EngineRequest, context: int, generated: int) -> AsyncIterator[TokenOutput]:
         r = _Running(req, context, generated)
         self._running[req.request_id] = r
         self._wakeup.set()
-        finished = False
-        try:
-            while True:
-                out = await r.queue.get()
-                yield out
-                if out.finish_reason:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.cancel(req.request_id)
+        return stream_until_finished(r.queue.get, lambda: self.cancel(req.request_id))
 
     async def _decode_loop(self) -> None:
         while True:

@@ -18,7 +18,7 @@ from typing import AsyncIterator
 import torch
 
 from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStats, KvLayout, OutputStream,
-                          PrefillOutput, TokenOutput, blocks_for)
+                          PrefillOutput, TokenOutput, blocks_for, stream_until_finished)
 from engines.sampling import sample
 from engines.torch.loader import load_model, random_model, read_config, resolve_dtype
 from engines.torch.model import LlamaForCausalLM, SeqBatch
@@ -144,18 +144,8 @@ class TorchEngine:
         self._inbox.put(("add", seq))
         return seq
 
-    async def _stream(self, seq: _Seq) -> AsyncIterator[TokenOutput]:
-        finished = False
-        try:
-            while True:
-                out = await seq.out.get()
-                yield out
-                if out.finish_reason:
-                    finished = True
-                    return
-        finally:
-            if not finished:  # the consumer went away: stop the work, free the blocks
-                self.cancel(seq.id)
+    def _stream(self, seq: _Seq) -> AsyncIterator[TokenOutput]:
+        return stream_until_finished(seq.out.get, lambda: self.cancel(seq.id))
 
     def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]:
         self._check(req, req.sampling.max_tokens)
