@@ -1,0 +1,103 @@
+"""Commands without Slurm: serve (local processes) and bench (load generator)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from hpc.cli import app, console
+from hpc.errors import HpcError
+
+
+@app.command()
+def serve(config: Path = typer.Argument(..., help="Deployment YAML"),
+          port: int = typer.Option(0, help="Frontend port (0: a free one)"),
+          host: str = typer.Option("127.0.0.1", help="Frontend address")) -> None:
+    """Run a deployment on this machine without Slurm: etcd, NATS, workers and frontend as local processes.
+    Ctrl-C stops everything."""
+    import signal
+    import threading
+
+    from hpc.config import load_deployment
+    from hpc.serve import LocalDeployment
+
+    dep = load_deployment(config)
+    local = LocalDeployment(dep, Path(".hpc") / "serve" / dep.name, port=port, host=host)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def ready(c) -> None:
+        console.print(f"  [green]✓[/green] {c.name:12} {c.detail:28} {c.ready_after:5.1f} s")
+
+    try:
+        console.print(f"starting {dep.name} (model {dep.model.name})")
+        local.start(ready)
+        console.print(f"ready: model {dep.model.name} at [bold]{local.url}/v1[/bold]   (Ctrl-C to stop)")
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # A second Ctrl-C (or the TERM a wrapper forwards) must not cut the cleanup short and orphan workers.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        console.print("stopping")
+        stuck = local.stop()
+        if stuck:
+            raise HpcError(f"could not stop: {', '.join(stuck)}")
+
+
+@app.command()
+def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000"),
+          model: Optional[str] = typer.Option(None, help="Model name (default: the first served)"),
+          isl: int = typer.Option(1000, help="Input tokens per request"),
+          osl: int = typer.Option(100, help="Output tokens per request"),
+          concurrency: str = typer.Option("1,4,16,64", help="Comma-separated concurrency levels"),
+          requests: int = typer.Option(0, help="Requests per level (default: 4 x concurrency, at least 8)"),
+          tokenizer: Optional[str] = typer.Option(None, help="Model directory with tokenizer.json "
+                                                             "(default: the one the server reports)"),
+          out: Path = typer.Option(Path("bench.json"), help="JSON results"),
+          plot: Optional[Path] = typer.Option(None, help="Write a TTFT vs throughput PNG here"),
+          gpus: int = typer.Option(0, help="GPUs serving, for throughput per GPU in the plot"),
+          timeout: float = typer.Option(600, help="Per-request timeout, seconds")) -> None:
+    """Load-test a server: TTFT, ITL, latency percentiles and throughput per concurrency."""
+    import asyncio
+    import json
+
+    from rich.progress import Progress
+
+    from hpc import bench as b
+
+    url = url.rstrip("/")
+    levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    if not levels or min(levels) < 1:
+        raise HpcError(f"--concurrency {concurrency!r}: expected positive integers like 1,4,16")
+    name, root = asyncio.run(b.discover(url, model, 10))
+    first, vocab = b.vocabulary(tokenizer or root)
+    rows = []
+    with Progress(console=console, transient=True) as progress:
+        for c in levels:
+            n = requests or max(8, 4 * c)
+            task = progress.add_task(f"concurrency {c}", total=n)
+            results, wall = asyncio.run(b.level(url, name, b.make_prompts(n, isl, first, vocab, seed=c), osl, c,
+                                                timeout, lambda: progress.advance(task)))
+            rows.append(b.summarize(c, results, wall))
+    table = Table("conc", "req", "err", "TTFT p50/p90/p99 ms", "ITL p50/p99 ms", "E2E p50/p99 ms", "out tok/s",
+                  "req/s", title=f"{name}  isl={isl} osl={osl}")
+    for r in rows:
+        table.add_row(str(r["concurrency"]), str(r["requests"]), str(r["errors"]),
+                      f"{r['ttft_p50_ms']}/{r['ttft_p90_ms']}/{r['ttft_p99_ms']}",
+                      f"{r['itl_p50_ms']}/{r['itl_p99_ms']}", f"{r['e2e_p50_ms']}/{r['e2e_p99_ms']}",
+                      str(r["output_tok_s"]), str(r["req_s"]))
+    console.print(table)
+    out.write_text(json.dumps({"url": url, "model": name, "isl": isl, "osl": osl, "rows": rows}, indent=2))
+    console.print(f"results: {out}")
+    if plot:
+        b.plot(rows, plot, gpus)
+        console.print(f"plot: {plot}")
+    errors = [r.get("first_error") for r in rows if r["errors"]]
+    if errors:
+        raise HpcError(f"{sum(r['errors'] for r in rows)} requests failed; first: {errors[0]}")

@@ -1,0 +1,355 @@
+"""Commands that run on Slurm: render, launch, submit, sweep, report, scale, stop, status, logs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from hpc.cli import app, console, err
+from hpc.errors import HpcError
+
+
+def _plan_for(config: Path, nodes: Optional[int], gpus_per_node: Optional[int], port: Optional[int],
+              allocation=None, relative: bool = False):
+    from hpc.config import load_deployment
+    from hpc.launch import STATE_ROOT
+    from hpc.plan import Allocation, plan
+
+    dep = load_deployment(config)
+    if allocation is None:
+        n = nodes or dep.cluster.nodes or 1
+        allocation = Allocation(None, tuple(f"node{i}" for i in range(n)),
+                                gpus_per_node if gpus_per_node is not None else dep.cluster.gpus_per_node)
+    if relative:  # a script to read and run from this directory: no paths of this machine in it
+        return dep, plan(dep, allocation, str(config), str(STATE_ROOT / dep.name), port)
+    return dep, plan(dep, allocation, str(config.resolve()), str((STATE_ROOT / dep.name).resolve()), port)
+
+
+@app.command()
+def render(config: Path = typer.Argument(..., help="Deployment YAML"),
+           nodes: Optional[int] = typer.Option(None, help="Nodes of the allocation (default: cluster.nodes)"),
+           gpus_per_node: Optional[int] = typer.Option(None, help="GPUs per node (default: cluster.gpus_per_node)"),
+           port: Optional[int] = typer.Option(None, help="Frontend port (default: the config's)"),
+           output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here instead of stdout")) -> None:
+    """Print the launch as a readable srun_disaggregated.sh (or srun_aggregated.sh) to run inside salloc."""
+    from hpc.render import render_script
+
+    dep, p = _plan_for(config, nodes, gpus_per_node, port, relative=True)
+    text = render_script(dep, p, str(config))
+    if output:
+        output.write_text(text)
+        output.chmod(0o755)
+        err.print(f"wrote {output}")
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+def launch(config: Path = typer.Argument(..., help="Deployment YAML"),
+           nodes: Optional[int] = typer.Option(None, help="Ask Slurm for this many nodes (salloc) when not "
+                                                           "inside an allocation"),
+           gpus_per_node: Optional[int] = typer.Option(None, help="GPUs per node (default: what Slurm reports)"),
+           time_limit: Optional[str] = typer.Option(None, "--time", help="Time limit of a new allocation"),
+           partition: Optional[str] = typer.Option(None, help="Partition of a new allocation"),
+           account: Optional[str] = typer.Option(None, help="Account of a new allocation"),
+           port: Optional[int] = typer.Option(None, help="Frontend port (default: the config's; 0: a free one)"),
+           detach: bool = typer.Option(False, "--detach", help="Return once ready; `hpc stop` ends it")) -> None:
+    """Start the deployment in a Slurm allocation (the current one, or a new one with --nodes) and wait until
+    the model is served. Ctrl-C (or `hpc stop`) stops exactly what it started."""
+    import os
+    import signal
+
+    from hpc.config import load_deployment
+    from hpc.launch import Launcher, current_allocation, request_allocation, stop_deployment
+    from hpc.plan import plan
+
+    dep = load_deployment(config)
+    env = dict(os.environ)
+    alloc = current_allocation(env, gpus_per_node)
+    if alloc is None:
+        if not nodes:
+            raise HpcError("not inside a Slurm allocation: run this inside `salloc -N N ...`, or pass --nodes N "
+                           "(and --gpus-per-node, --time, --partition, --account) so hpc asks for one")
+        with console.status(f"asking Slurm for {nodes} nodes") as status:
+            alloc = request_allocation(dep.name, nodes, gpus_per_node, time_limit, partition, account, env,
+                                       waiting=lambda msg: status.update(msg))
+        console.print(f"  [green]✓[/green] allocation  job {alloc.job_id}: {', '.join(alloc.nodes)}")
+    from hpc.launch import STATE_ROOT
+
+    try:
+        p = plan(dep, alloc, str(config.resolve()), str((STATE_ROOT / dep.name).resolve()), port)
+    except HpcError:
+        if alloc.created:
+            from hpc.slurm import commands
+
+            commands.scancel([alloc.job_id], env)
+        raise
+    launcher = Launcher(dep, p, env)
+    stopping = False
+
+    def ready(name: str, detail: str, seconds: float) -> None:
+        console.print(f"  [green]✓[/green] {name:12} {detail:52} {seconds:6.1f} s")
+
+    try:
+        launcher.start(ready)
+        console.print(f"ready: model [bold]{dep.model.name}[/bold] at [bold]{launcher.state.frontend_url}/v1"
+                      f"[/bold]   (hpc stop to end)")
+        if detach:
+            return
+        signal.signal(signal.SIGTERM, _interrupt)
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        stopping = True
+    except BaseException:
+        stopping = True
+        raise
+    finally:
+        if stopping:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            console.print("stopping")
+            left = stop_deployment(launcher.state, env)
+            if left:
+                err.print(f"[red]still there:[/red] {', '.join(left)}")
+            else:
+                console.print("stopped: no step of ours is left" + (f"; allocation {alloc.job_id} released"
+                                                                      if alloc.created else ""))
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _sbatch_extra(gpus_per_node, time_limit, partition, account) -> list[str]:
+    extra = [f"--gres=gpu:{gpus_per_node}"] if gpus_per_node else []
+    return extra + [f"--{k}={v}" for k, v in (("time", time_limit), ("partition", partition), ("account", account))
+                    if v]
+
+
+def _template(name: str):
+    import jinja2
+
+    from hpc.render import TEMPLATES
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             comment_start_string="<#--", comment_end_string="--#>")
+    return env.get_template(name)
+
+
+@app.command()
+def submit(config: Path = typer.Argument(..., help="Deployment YAML"),
+           nodes: int = typer.Option(..., help="Nodes to ask for"),
+           time_limit: Optional[str] = typer.Option(None, "--time", help="Time limit, e.g. 2:00:00"),
+           gpus_per_node: Optional[int] = typer.Option(None, help="GPUs per node"),
+           partition: Optional[str] = typer.Option(None), account: Optional[str] = typer.Option(None),
+           port: Optional[int] = typer.Option(None, help="Frontend port (0: a free one)")) -> None:
+    """Submit the launch as a batch job (sbatch); `hpc status`, `hpc logs` and `hpc stop` work on it."""
+    import os
+
+    from hpc.config import load_deployment
+    from hpc.launch import STATE_ROOT, LaunchState
+    from hpc.plan import Allocation, plan
+    from hpc.slurm import commands
+
+    dep = load_deployment(config)
+    # Refuse now what cannot fit, rather than in the queue hours later.
+    plan(dep, Allocation(None, tuple(f"node{i}" for i in range(nodes)),
+                         gpus_per_node if gpus_per_node is not None else dep.cluster.gpus_per_node),
+         str(config), ".hpc")
+    state_dir = STATE_ROOT / dep.name
+    state_dir.mkdir(parents=True, exist_ok=True)
+    script = state_dir / "sbatch_launch.sh"
+    script.write_text(_template("sbatch_launch.sh.j2").render(
+        name=dep.name, nodes=nodes, log=str((state_dir / "sbatch-%j.log").resolve()),
+        extra=_sbatch_extra(gpus_per_node, time_limit, partition, account), python=sys.executable,
+        config=str(config.resolve()), port=port))
+    out = commands.run(["sbatch", "--parsable", str(script)], env=dict(os.environ))
+    job = out.strip().split(";")[0]
+    LaunchState(dep.name, str(config.resolve()), job, True, [], str(state_dir.resolve())).save()
+    console.print(f"submitted job {job}: `hpc status {dep.name}`, `hpc logs frontend`, `hpc stop {dep.name}`")
+
+
+@app.command()
+def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML"),
+          results: Path = typer.Option(Path("results"), help="Results root; this sweep writes RESULTS/<name>/"),
+          wait: bool = typer.Option(False, "--wait", help="Block until every task has finished")) -> None:
+    """Run variants of a deployment as an sbatch job array; each task benchmarks its variant."""
+    import os
+
+    from hpc.slurm import commands
+    from hpc.sweep import load_sweep, variants
+
+    sw = load_sweep(sweep_file)
+    out = (results / sw.name).resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    points = variants(sw, sweep_file, out)
+    script = out / "sbatch_sweep.sh"
+    script.write_text(_template("sbatch_sweep.sh.j2").render(
+        sweep=sw.name, nodes=sw.nodes, count=len(points), results=str(out), python=sys.executable,
+        extra=_sbatch_extra(sw.gpus_per_node, sw.time, sw.partition, sw.account)))
+    argv = ["sbatch", "--parsable"] + (["--wait"] if wait else []) + [str(script)]
+    try:
+        job = commands.run(argv, env=dict(os.environ), timeout=24 * 3600 if wait else 30).strip().split(";")[0]
+    except HpcError as e:
+        if not wait:
+            raise
+        raise HpcError(f"some sweep tasks failed ({e}); logs in {out / 'logs'}") from None
+    console.print(f"sweep {sw.name}: {len(points)} variants, job array {job or '(finished)'}; results in {out}; "
+                  f"then `hpc report {out}`")
+
+
+@app.command()
+def report(results: Path = typer.Argument(..., help="A sweep's results folder"),
+           plot: Optional[Path] = typer.Option(None, help="Write a TTFT vs throughput-per-GPU PNG here"),
+           gpus: int = typer.Option(0, help="GPUs per variant, for throughput per GPU")) -> None:
+    """The table of a sweep's results (and a chart)."""
+    from hpc import bench as b
+    from hpc.sweep import report_rows
+
+    rows = report_rows(results)
+    if not rows:
+        raise HpcError(f"no task results (N.json) in {results}")
+    keys = [k for k in rows[0] if k not in ("requests", "errors") and not k.endswith(("p90_ms", "p99_ms"))]
+    table = Table(*keys, title=str(results))
+    for r in rows:
+        table.add_row(*(str(r.get(k, "")) for k in keys))
+    console.print(table)
+    if plot:
+        b.plot(rows, plot, gpus)
+        console.print(f"plot: {plot}")
+
+
+@app.command(context_settings={"ignore_unknown_options": True})  # so that -1 is the change, not an option
+def scale(role: str = typer.Argument(..., help="prefill, decode, aggregated or encode"),
+          change: str = typer.Argument(..., help="+N to add workers, -N to drain and stop some"),
+          deployment: Optional[str] = typer.Option(None, help="Deployment name (default: the latest)")) -> None:
+    """Add worker steps to the running deployment, or drain and stop some."""
+    import os
+    import re as _re
+
+    from hpc.config import load_deployment
+    from hpc.launch import Launcher, LaunchState, stop_steps
+    from hpc.plan import Allocation, plan
+
+    m = _re.fullmatch(r"([+-])(\d+)", change.strip())
+    if not m or int(m.group(2)) == 0:
+        raise HpcError(f"{change!r}: expected +N or -N, e.g. +1")
+    state = LaunchState.load(deployment)
+    env = dict(os.environ)
+    current = sorted((n for n, i in state.steps.items() if i.get("role") == role), key=lambda n: int(n.rsplit("-", 1)[1]))
+    if m.group(1) == "-":
+        victims = current[-int(m.group(2)):]
+        if not victims:
+            raise HpcError(f"{state.deployment} has no {role} workers")
+        left = stop_steps(state, victims, env)
+        if left:
+            raise HpcError(f"still running after 60 s: {', '.join(left)}")
+        console.print(f"drained and stopped {', '.join(victims)}")
+        return
+    dep = load_deployment(state.config)
+    spec = getattr(dep.workers, role, None) if role in ("prefill", "decode", "aggregated", "encode") else None
+    if spec is None:
+        raise HpcError(f"{state.deployment} has no workers.{role} in {state.config}")
+    total = len(current) + int(m.group(2))
+    bigger = dep.model_copy(update={"workers": dep.workers.model_copy(
+        update={role: spec.model_copy(update={"replicas": total})})})
+    alloc = Allocation(state.job_id, tuple(state.nodes), state.gpus_per_node, state.created_allocation)
+    p = plan(bigger, alloc, state.config, state.state_dir)
+    new = [s for s in p.workers() if s.role == role and s.name not in state.steps]
+    launcher = Launcher(bigger, p, env, state=state)
+    launcher.scale_up(new, lambda name, detail, secs: console.print(f"  [green]✓[/green] {name:12} {detail} "
+                                                                     f"{secs:6.1f} s"))
+    console.print(f"{role}: {total} workers")
+
+
+@app.command("stop")
+def stop_cmd(deployment: Optional[str] = typer.Argument(None, help="Deployment name (default: the latest)")) -> None:
+    """Cancel exactly the steps `hpc launch` started (scancel JOB.STEP), and its allocation if it made one."""
+    import os
+
+    from hpc.launch import LaunchState, stop_deployment
+
+    state = LaunchState.load(deployment)
+    t0 = __import__("time").monotonic()
+    left = stop_deployment(state, dict(os.environ))
+    if left:
+        raise HpcError(f"still there after stopping: {', '.join(left)}")
+    console.print(f"stopped {state.deployment} in {__import__('time').monotonic() - t0:.1f} s; no step of ours is "
+                  f"left" + (f"; allocation {state.job_id} released" if state.created_allocation else ""))
+
+
+@app.command()
+def status(deployment: Optional[str] = typer.Argument(None, help="Deployment name (default: the latest)")) -> None:
+    """Components, where they run, whether their steps are alive, and the workers registered in etcd."""
+    import asyncio
+    import os
+    import urllib.request
+
+    from hpc.launch import LaunchState
+    from hpc.slurm import commands
+
+    state = LaunchState.load(deployment)
+    env = dict(os.environ)
+    job = commands.job_state(state.job_id, env) if state.job_id else None
+    steps = commands.job_steps(state.job_id, env) if job else {}
+    console.print(f"deployment [bold]{state.deployment}[/bold]  job {state.job_id} ({job or 'gone'})  "
+                  f"frontend {state.frontend_url}")
+    registered = asyncio.run(_registered(state)) if state.endpoints and job else {}
+    table = Table("component", "nodes", "step", "registered")
+    for name, info in state.steps.items():
+        sid = steps.get(f"hpc.{state.deployment}.{name}")
+        reg = "" if info.get("role") is None else ("[green]yes[/green]" if name in registered else "[red]no[/red]")
+        table.add_row(name, ",".join(info["nodes"]), f"[green]{sid}[/green]" if sid else "[red]gone[/red]", reg)
+    console.print(table)
+    try:
+        with urllib.request.urlopen(f"{state.frontend_url}/health", timeout=3) as r:
+            console.print(f"health: {r.read().decode()}")
+    except OSError as e:
+        console.print(f"health: [red]{getattr(e, 'code', None) or e}[/red]")
+
+
+async def _registered(state) -> set[str]:
+    from hpc.runtime import discovery
+    from hpc.runtime.discovery import WorkerDirectory
+    from hpc.runtime.protocol import Keys
+
+    try:
+        client = await discovery.connect(state.endpoints["etcd"], timeout=3)
+    except HpcError:
+        return set()
+    try:
+        d = WorkerDirectory(client, Keys(state.deployment).workers)
+        await d._sync()
+        return {w.worker_id for w in d.workers.values()}
+    finally:
+        await client.close()
+
+
+@app.command()
+def logs(component: str = typer.Argument(..., help="e.g. frontend, head, prefill-0"),
+         deployment: Optional[str] = typer.Option(None, help="Deployment name (default: the latest)"),
+         follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new lines")) -> None:
+    """Print a component's log."""
+    import time
+
+    from hpc.launch import LaunchState
+
+    state = LaunchState.load(deployment)
+    info = state.steps.get(component.replace("/", "-"))
+    if info is None:
+        raise HpcError(f"no component {component!r} in {state.deployment} (have: {', '.join(state.steps)})")
+    with open(info["log"], errors="replace") as f:
+        sys.stdout.write(f.read())
+        while follow:
+            line = f.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
