@@ -54,6 +54,24 @@ async def direct_ttft_ms(local: LocalDeployment, n: int, osl: int) -> tuple[floa
     return 1000 * bench.percentile(ttfts[10:], 50), 1000 * bench.percentile(ttfts[10:], 99)
 
 
+def http_floor_ms(n: int) -> tuple[float, float]:
+    """TTFT p50/p99 of an empty streaming endpoint on the same HTTP stack, through the same client."""
+    import subprocess
+
+    from hpc.procs import Pid, free_port, stop, tcp_open, wait_until
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("http_floor.py")), str(port)])
+    try:
+        wait_until(lambda: tcp_open("127.0.0.1", port), 30, "http floor server")
+        results, _ = asyncio.run(bench.level(f"http://127.0.0.1:{port}", "m", bench.make_prompts(n, 32, 10, 500),
+                                             1, 1, 30))
+        ttfts = [r.ttft for r in results[10:]]
+        return 1000 * bench.percentile(ttfts, 50), 1000 * bench.percentile(ttfts, 99)
+    finally:
+        stop(Pid.of(server.pid), popen=server)
+
+
 async def measure(url: str, levels: list[int], n: int, osl: int) -> list[dict]:
     rows = []
     for c in levels:
@@ -92,7 +110,10 @@ def main() -> None:
                 print(rows[-1], flush=True)
         finally:
             local.stop()
-    path = write_result("frontend", rows, {"osl": args.osl, "isl": 32, "cpu_cores": __import__("os").cpu_count()})
+    floor50, floor99 = http_floor_ms(300)
+    path = write_result("frontend", rows, {"osl": args.osl, "isl": 32, "cpu_cores": __import__("os").cpu_count(),
+                                           "http_floor_ttft_p50_ms": round(floor50, 2),
+                                           "http_floor_ttft_p99_ms": round(floor99, 2)})
     print(table(rows, ["mode", "concurrency", "errors", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
                        "req_s"]))
     for r in rows:
@@ -100,6 +121,8 @@ def main() -> None:
             print(f"{r['mode']}, concurrency 1: TTFT through the frontend {r['ttft_p50_ms']} ms p50, straight to the "
                   f"workers {r['direct_ttft_p50_ms']} ms: the frontend adds {r['added_p50_ms']} ms p50, "
                   f"{r['added_p99_ms']} ms p99")
+    print(f"HTTP floor (an empty FastAPI streaming endpoint, same client): TTFT {floor50:.2f} ms p50, "
+          f"{floor99:.2f} ms p99")
     print(f"Written to {path}")
 
 
