@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,7 @@ from typing import Callable
 from hpc.config import Deployment
 from hpc.errors import HpcError
 from hpc.plan import Allocation, Plan, Step
-from hpc.procs import Pid, log_tail, stop
+from hpc.procs import Pid, http_ok, log_tail, stop
 from hpc.slurm import commands
 
 STATE_ROOT = Path(".hpc")
@@ -194,11 +193,7 @@ class Launcher:
         self.wait_workers(steps, on_ready, time.monotonic(), timeout)
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.state.frontend_url}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return http_ok(f"{self.state.frontend_url}/health")
 
 
 def stop_steps(state: LaunchState, names: list[str], env: dict, timeout: float = 60) -> list[str]:

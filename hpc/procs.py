@@ -125,3 +125,14 @@ def tcp_open(host: str, port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when GET url answers 200 within the timeout (a readiness probe, e.g. a frontend's /health)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False

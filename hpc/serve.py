@@ -7,14 +7,13 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from hpc.config import Deployment
 from hpc.errors import HpcError
-from hpc.procs import Pid, free_port, log_tail, spawn, stop
+from hpc.procs import Pid, free_port, http_ok, log_tail, spawn, stop
 from hpc.services import Service, start_etcd, start_nats
 
 
@@ -103,11 +102,7 @@ class LocalDeployment:
             time.sleep(0.05)
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return http_ok(f"{self.url}/health")
 
     def stop(self) -> list[str]:
         """Frontend first (no new requests), then workers (they drain), then NATS and etcd. Returns what would

@@ -113,6 +113,7 @@ def test_health_models_and_metrics(stacks):
     assert httpx.get(f"{url}/health").json() == {"status": "ready", "models": {MODEL: "ready"}}
     models = httpx.get(f"{url}/v1/models").json()["data"]
     assert [m["id"] for m in models] == [MODEL]
+    client(stacks["dis"]).completions.create(model=MODEL, prompt="Hi", max_tokens=2)  # something to count
     metrics = httpx.get(f"{url}/metrics").text
     assert "hpc_frontend_ttft_seconds_bucket" in metrics and 'hpc_frontend_requests_total{status="200"}' in metrics
 
