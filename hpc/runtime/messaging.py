@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import time
 from typing import AsyncIterator, Awaitable, Callable
 
 import nats
-from nats.errors import TimeoutError as NatsTimeout
 
 from hpc.errors import HpcError
 
@@ -24,6 +23,19 @@ class PeerGone(Exception):
 
 
 Reply = Callable[[bytes], Awaitable[None]]
+_GONE = object()
+
+
+async def _put_when_set(event: asyncio.Event, queue: asyncio.Queue) -> None:
+    await event.wait()
+    queue.put_nowait(_GONE)
+
+
+async def _get_within(queue: asyncio.Queue, timeout: float):
+    if hasattr(asyncio, "timeout"):  # Python 3.11+: no extra task per wait
+        async with asyncio.timeout(timeout):
+            return await queue.get()
+    return await asyncio.wait_for(queue.get(), timeout)
 
 
 class Bus:
@@ -31,6 +43,9 @@ class Bus:
         self.nc = nc
         self._tasks: set[asyncio.Task] = set()
         self._subs = []
+        self._mux_prefix: str | None = None
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._counter = itertools.count()
 
     @classmethod
     async def connect(cls, url: str, name: str, timeout: float = 5.0) -> "Bus":
@@ -90,37 +105,49 @@ class Bus:
             return reply
         raise RequestTimeout(f"no reply on {subject}")
 
+    async def _replies_inbox(self) -> str:
+        """One wildcard inbox for every stream of this connection: no SUB/UNSUB per request."""
+        if self._mux_prefix is None:
+            prefix = self.nc.new_inbox()
+
+            async def route(msg) -> None:
+                queue = self._streams.get(msg.subject[len(prefix) + 1:])
+                if queue is not None:
+                    queue.put_nowait(msg)
+
+            self._subs_mux = await self.nc.subscribe(f"{prefix}.*", cb=route)
+            self._mux_prefix = prefix
+        return self._mux_prefix
+
     async def stream(self, subject: str, data: bytes, first_timeout: float, idle_timeout: float,
                      gone: asyncio.Event | None = None) -> AsyncIterator[bytes]:
         """Send `data` and yield replies until the consumer stops. The first reply must come within
         `first_timeout`, each next one within `idle_timeout`; `gone` set means the peer left: fail at once."""
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
+        prefix = await self._replies_inbox()
+        token = f"{next(self._counter):x}"
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[token] = queue
+        watcher = None
+        if gone is not None:  # the directory sets it when the worker's lease ends: wake the wait at once
+            watcher = asyncio.get_running_loop().create_task(_put_when_set(gone, queue))
         try:
-            await self.nc.publish(subject, data, reply=inbox)
+            await self.nc.publish(subject, data, reply=f"{prefix}.{token}")
             timeout = first_timeout
             while True:
-                deadline = time.monotonic() + timeout
-                while True:
-                    if gone is not None and gone.is_set():
-                        raise PeerGone(f"the worker serving {subject} left")
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise RequestTimeout(f"no reply on {subject} within {timeout:g} s")
-                    try:
-                        msg = await sub.next_msg(timeout=min(left, 0.25 if gone is not None else left))
-                        break
-                    except NatsTimeout:
-                        continue
+                try:
+                    msg = await _get_within(queue, timeout)
+                except asyncio.TimeoutError:
+                    raise RequestTimeout(f"no reply on {subject} within {timeout:g} s") from None
+                if msg is _GONE:
+                    raise PeerGone(f"the worker serving {subject} left")
                 if msg.headers and msg.headers.get("Status") == "503":  # the server says: no subscriber
                     raise PeerGone(f"nothing serves {subject}")
                 yield msg.data
                 timeout = idle_timeout
         finally:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # the connection may be closing; nothing to release then
-                pass
+            self._streams.pop(token, None)
+            if watcher is not None:
+                watcher.cancel()
 
     async def close(self) -> None:
         try:
