@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import socket
@@ -11,7 +12,18 @@ import sys
 import uvicorn
 
 from frontend.app import Frontend, create_app
+from hpc.errors import HpcError
 from hpc.procs import free_port
+
+
+async def check_services(etcd: str, nats_url: str) -> None:
+    from hpc.runtime import discovery
+    from hpc.runtime.messaging import Bus
+
+    client = await discovery.connect(etcd, timeout=5)
+    await client.close()
+    bus = await Bus.connect(nats_url, "frontend-check", timeout=5)
+    await bus.close()
 
 
 def main(argv=None) -> None:
@@ -30,6 +42,11 @@ def main(argv=None) -> None:
         p.error("--etcd and --nats are required (or HPC_ETCD and HPC_NATS)")
     logging.basicConfig(level=os.environ.get("HPC_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # fail with one clear line, before uvicorn, when a service is unreachable
+        asyncio.run(check_services(a.etcd, a.nats))
+    except HpcError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     port = a.port or free_port()
     app = create_app(Frontend(a.deployment, a.etcd, a.nats, a.router, a.model, a.request_timeout))
 

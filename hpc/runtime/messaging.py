@@ -26,6 +26,11 @@ Reply = Callable[[bytes], Awaitable[None]]
 _GONE = object()
 
 
+async def _log_error(e: Exception) -> None:
+    """nats-py would print a traceback per connection error; one line is enough (callers report failures)."""
+    log.warning("NATS: %s", str(e) or type(e).__name__)
+
+
 async def _put_when_set(event: asyncio.Event, queue: asyncio.Queue) -> None:
     await event.wait()
     queue.put_nowait(_GONE)
@@ -52,7 +57,8 @@ class Bus:
         try:
             nc = await asyncio.wait_for(nats.connect(
                 url, name=name, connect_timeout=timeout, allow_reconnect=True, reconnect_time_wait=0.5,
-                max_reconnect_attempts=-1, max_outstanding_pings=3, ping_interval=5), timeout + 1)
+                max_reconnect_attempts=-1, max_outstanding_pings=3, ping_interval=5, error_cb=_log_error),
+                timeout + 1)
         except (OSError, asyncio.TimeoutError, nats.errors.NoServersError) as e:
             raise HpcError(f"cannot reach NATS at {url}: {str(e) or type(e).__name__}") from None
         return cls(nc)
