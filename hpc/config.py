@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from hpc.errors import HpcError
 
@@ -194,8 +194,14 @@ class Deployment(Strict):
     transfer: Transfer = Transfer()
     media: Media = Media()
 
-    # Filled by the loader: where the file lives (engine_config paths are relative to it).
-    source: Path | None = Field(None, exclude=True)
+    # Set by the loader, not by the YAML: where the file lives (engine_config paths are relative to it) and the
+    # engine YAMLs it read while checking, so that planning (hpc/plan.py) reads no file.
+    _source: Path | None = PrivateAttr(None)
+    _engines: dict[str, EngineConfig] = PrivateAttr(default_factory=dict)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
 
     @property
     def disaggregated(self) -> bool:
@@ -206,11 +212,13 @@ class Deployment(Strict):
         if spec is None or spec.engine_config is None:
             return None
         p = Path(spec.engine_config)
-        return p if p.is_absolute() or self.source is None else self.source.parent / p
+        return p if p.is_absolute() or self._source is None else self._source.parent / p
 
     def engine_config(self, role: str) -> EngineConfig:
-        path = self.engine_config_path(role)
-        return load_engine_config(path) if path else EngineConfig()
+        if role not in self._engines:
+            path = self.engine_config_path(role)
+            self._engines[role] = load_engine_config(path) if path else EngineConfig()
+        return self._engines[role]
 
 
 # ---- loading --------------------------------------------------------------------------------------------------
@@ -237,7 +245,7 @@ def substitute_env(text: str, source: str, env: dict[str, str] | None = None) ->
     return out
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -275,7 +283,7 @@ def _format(path: Path, err: ValidationError) -> list[str]:
     return problems
 
 
-def _parse(model: type[BaseModel], path: Path, data: Any, what: str) -> Any:
+def parse_model(model: type[BaseModel], path: Path, data: Any, what: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping of {what} fields at the top level, got "
                            f"{type(data).__name__ if data is not None else 'an empty file'}"])
@@ -287,14 +295,15 @@ def _parse(model: type[BaseModel], path: Path, data: Any, what: str) -> Any:
 
 def load_engine_config(path: str | Path) -> EngineConfig:
     path = Path(path)
-    data = _read_yaml(path)
-    return _parse(EngineConfig, path, data if data is not None else {}, "engine")
+    data = read_yaml(path)
+    return parse_model(EngineConfig, path, data if data is not None else {}, "engine")
 
 
 def load_deployment(path: str | Path, check_files: bool = True) -> Deployment:
     """Load and validate a deployment; raises ConfigError listing every problem."""
     path = Path(path)
-    dep = _parse(Deployment, path, _read_yaml(path), "deployment").model_copy(update={"source": path})
+    dep = parse_model(Deployment, path, read_yaml(path), "deployment")
+    dep._source = path
     problems = check_deployment(dep, path) if check_files else []
     if problems:
         raise ConfigError(problems)
@@ -346,7 +355,7 @@ def check_deployment(dep: Deployment, path: Path) -> list[str]:
         if cfg_path is None:
             continue
         try:
-            cfg = load_engine_config(cfg_path)
+            cfg = dep._engines[role] = load_engine_config(cfg_path)
         except ConfigError as e:
             problems.extend(f"{where}.engine_config: {p}" if "file not found" in p else p for p in e.problems)
             continue

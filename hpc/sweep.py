@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from hpc.config import ConfigError, _parse, _read_yaml, load_deployment
+from hpc.config import ConfigError, load_deployment, parse_model, read_yaml
 from hpc.errors import HpcError
 
 
@@ -46,7 +46,7 @@ class Sweep(BaseModel):
 
 
 def load_sweep(path: Path) -> Sweep:
-    sweep = _parse(Sweep, path, _read_yaml(path), "sweep")
+    sweep = parse_model(Sweep, path, read_yaml(path), "sweep")
     for key, values in sweep.axes.items():
         if not values:
             raise ConfigError([f"{path}: axes.{key}: needs at least one value"])
