@@ -80,8 +80,9 @@ def _gpus_from_env(env: dict) -> int:
 
 def request_allocation(name: str, nodes: int, gpus_per_node: int | None, time_limit: str | None,
                        partition: str | None, account: str | None, env: dict,
-                       waiting: Callable[[str], None] = lambda s: None, timeout: float = 3600) -> Allocation:
-    """salloc --no-shell: returns once the allocation is granted; shows that it waits in the queue."""
+                       waiting: Callable[[str], None] = lambda s: None) -> Allocation:
+    """salloc --no-shell: returns once the allocation is granted, however long the queue takes (as salloc does;
+    Ctrl-C reaches salloc too, which then withdraws the request). `waiting` hears when the job is queued."""
     argv = ["salloc", "--no-shell", f"--nodes={nodes}", f"--job-name=hpc.{name}"]
     if gpus_per_node:
         argv.append(f"--gres=gpu:{gpus_per_node}")
@@ -90,7 +91,6 @@ def request_allocation(name: str, nodes: int, gpus_per_node: int | None, time_li
             argv.append(f"{flag}={value}")
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     job_id, lines = None, []
-    deadline = time.monotonic() + timeout
     for line in proc.stdout:  # salloc reports "Pending job allocation N", then "Granted job allocation N"
         lines.append(line.strip())
         m = re.search(r"job allocation (\d+)", line)
@@ -98,9 +98,6 @@ def request_allocation(name: str, nodes: int, gpus_per_node: int | None, time_li
             job_id = m.group(1)
             if "Pending" in line or "queued" in line:
                 waiting(f"job {job_id} is waiting in the queue")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise HpcError(f"salloc: no allocation within {timeout:.0f} s")
     if proc.wait() != 0 or job_id is None:
         raise HpcError(f"salloc failed: {' '.join(lines) or 'no output'}")
     nodelist = commands.run(["squeue", "-h", f"--jobs={job_id}", "-o", "%N"], env=env).strip()
