@@ -141,9 +141,6 @@ class BlockAllocator:
                 return run
         return None
 
-    def extend(self, owner: str, n: int) -> list[int]:
-        return self.allocate(owner, n)
-
     def owned(self, owner: str) -> list[int]:
         return self._owned.get(owner, [])
 
