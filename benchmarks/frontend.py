@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -111,7 +112,7 @@ def main() -> None:
         finally:
             local.stop()
     floor50, floor99 = http_floor_ms(300)
-    path = write_result("frontend", rows, {"osl": args.osl, "isl": 32, "cpu_cores": __import__("os").cpu_count(),
+    path = write_result("frontend", rows, {"osl": args.osl, "isl": 32, "cpu_cores": os.cpu_count(),
                                            "http_floor_ttft_p50_ms": round(floor50, 2),
                                            "http_floor_ttft_p99_ms": round(floor99, 2)})
     print(table(rows, ["mode", "concurrency", "errors", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms",

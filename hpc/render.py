@@ -29,6 +29,15 @@ def _node_expr(step: Step, nodes: tuple[str, ...]) -> str:
     return ",".join(f"${{NODES[{nodes.index(n)}]}}" for n in step.nodes)
 
 
+def template(name: str) -> jinja2.Template:
+    """A template of srun_templates/. Bash's ${#array[@]} would open a Jinja comment: comments use delimiters
+    bash never writes."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+                             comment_start_string="<#--", comment_end_string="--#>")
+    return env.get_template(name)
+
+
 def _engine_config(config: str, engine_config: str | None) -> str:
     """Engine YAML paths in a deployment are relative to it; the script runs from where it was rendered."""
     if not engine_config or Path(engine_config).is_absolute():
@@ -37,10 +46,6 @@ def _engine_config(config: str, engine_config: str | None) -> str:
 
 
 def render_script(dep: Deployment, plan: Plan, config: str) -> str:
-    # Bash's ${#array[@]} would open a Jinja comment: use delimiters bash never writes.
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
-                             comment_start_string="<#--", comment_end_string="--#>")
     nodes = plan.allocation.nodes
     workers = [_Worker(s.name, s.role, s.replica, s.nodes, _node_expr(s, nodes), s.ntasks_per_node, s.gpus)
                for s in plan.workers()]
@@ -48,7 +53,7 @@ def render_script(dep: Deployment, plan: Plan, config: str) -> str:
     first = {r: next(w for w in workers if w.role == r) for r in roles if any(w.role == r for w in workers)}
     c = dep.container
     script_name = "srun_disaggregated.sh" if dep.disaggregated else "srun_aggregated.sh"
-    return env.get_template("srun_disaggregated.sh.j2").render(
+    return template("srun_disaggregated.sh.j2").render(
         script_name=script_name, plan=plan, config=config, roles=roles, workers=workers,
         replicas={r: getattr(dep.workers, r).replicas for r in roles},
         nodes_per_worker={r: len(first[r].nodes) if r in first else 1 for r in roles},

@@ -13,20 +13,25 @@ from hpc.cli import app, console, err
 from hpc.errors import HpcError
 
 
-def _plan_for(config: Path, nodes: Optional[int], gpus_per_node: Optional[int], port: Optional[int],
-              allocation=None, relative: bool = False):
-    from hpc.config import load_deployment
+def _plan(dep, config: Path, alloc, port: Optional[int] = None, relative: bool = False):
+    """The plan of `dep` in `alloc`. `relative` keeps paths as given: a script to run from this directory, with
+    no paths of this machine in it."""
     from hpc.launch import STATE_ROOT
-    from hpc.plan import Allocation, plan
+    from hpc.plan import plan
 
-    dep = load_deployment(config)
-    if allocation is None:
-        n = nodes or dep.cluster.nodes or 1
-        allocation = Allocation(None, tuple(f"node{i}" for i in range(n)),
-                                gpus_per_node if gpus_per_node is not None else dep.cluster.gpus_per_node)
-    if relative:  # a script to read and run from this directory: no paths of this machine in it
-        return dep, plan(dep, allocation, str(config), str(STATE_ROOT / dep.name), port)
-    return dep, plan(dep, allocation, str(config.resolve()), str((STATE_ROOT / dep.name).resolve()), port)
+    state = STATE_ROOT / dep.name
+    if relative:
+        return plan(dep, alloc, str(config), str(state), port)
+    return plan(dep, alloc, str(config.resolve()), str(state.resolve()), port)
+
+
+def _future_allocation(dep, nodes: Optional[int], gpus_per_node: Optional[int]):
+    """An allocation that does not exist yet (render, submit): nodes node0, node1, ..."""
+    from hpc.plan import Allocation
+
+    count = nodes or dep.cluster.nodes or 1
+    return Allocation(None, tuple(f"node{i}" for i in range(count)),
+                      gpus_per_node if gpus_per_node is not None else dep.cluster.gpus_per_node)
 
 
 @app.command()
@@ -36,9 +41,11 @@ def render(config: Path = typer.Argument(..., help="Deployment YAML"),
            port: Optional[int] = typer.Option(None, help="Frontend port (default: the config's)"),
            output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here instead of stdout")) -> None:
     """Print the launch as a readable srun_disaggregated.sh (or srun_aggregated.sh) to run inside salloc."""
+    from hpc.config import load_deployment
     from hpc.render import render_script
 
-    dep, p = _plan_for(config, nodes, gpus_per_node, port, relative=True)
+    dep = load_deployment(config)
+    p = _plan(dep, config, _future_allocation(dep, nodes, gpus_per_node), port, relative=True)
     text = render_script(dep, p, str(config))
     if output:
         output.write_text(text)
@@ -65,7 +72,7 @@ def launch(config: Path = typer.Argument(..., help="Deployment YAML"),
 
     from hpc.config import load_deployment
     from hpc.launch import Launcher, current_allocation, request_allocation, stop_deployment
-    from hpc.plan import plan
+    from hpc.slurm import commands
 
     dep = load_deployment(config)
     env = dict(os.environ)
@@ -78,14 +85,10 @@ def launch(config: Path = typer.Argument(..., help="Deployment YAML"),
             alloc = request_allocation(dep.name, nodes, gpus_per_node, time_limit, partition, account, env,
                                        waiting=lambda msg: status.update(msg))
         console.print(f"  [green]✓[/green] allocation  job {alloc.job_id}: {', '.join(alloc.nodes)}")
-    from hpc.launch import STATE_ROOT
-
     try:
-        p = plan(dep, alloc, str(config.resolve()), str((STATE_ROOT / dep.name).resolve()), port)
+        p = _plan(dep, config, alloc, port)
     except HpcError:
-        if alloc.created:
-            from hpc.slurm import commands
-
+        if alloc.created:  # it cannot run here: give back what we asked for
             commands.scancel([alloc.job_id], env)
         raise
     launcher = Launcher(dep, p, env)
@@ -131,17 +134,6 @@ def _sbatch_extra(gpus_per_node, time_limit, partition, account) -> list[str]:
                     if v]
 
 
-def _template(name: str):
-    import jinja2
-
-    from hpc.render import TEMPLATES
-
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                             comment_start_string="<#--", comment_end_string="--#>")
-    return env.get_template(name)
-
-
 @app.command()
 def submit(config: Path = typer.Argument(..., help="Deployment YAML"),
            nodes: int = typer.Option(..., help="Nodes to ask for"),
@@ -154,18 +146,15 @@ def submit(config: Path = typer.Argument(..., help="Deployment YAML"),
 
     from hpc.config import load_deployment
     from hpc.launch import STATE_ROOT, LaunchState
-    from hpc.plan import Allocation, plan
+    from hpc.render import template
     from hpc.slurm import commands
 
     dep = load_deployment(config)
-    # Refuse now what cannot fit, rather than in the queue hours later.
-    plan(dep, Allocation(None, tuple(f"node{i}" for i in range(nodes)),
-                         gpus_per_node if gpus_per_node is not None else dep.cluster.gpus_per_node),
-         str(config), ".hpc")
+    _plan(dep, config, _future_allocation(dep, nodes, gpus_per_node))  # refuse now, not in the queue hours later
     state_dir = STATE_ROOT / dep.name
     state_dir.mkdir(parents=True, exist_ok=True)
     script = state_dir / "sbatch_launch.sh"
-    script.write_text(_template("sbatch_launch.sh.j2").render(
+    script.write_text(template("sbatch_launch.sh.j2").render(
         name=dep.name, nodes=nodes, log=str((state_dir / "sbatch-%j.log").resolve()),
         extra=_sbatch_extra(gpus_per_node, time_limit, partition, account), python=sys.executable,
         config=str(config.resolve()), port=port))
@@ -182,6 +171,7 @@ def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML"),
     """Run variants of a deployment as an sbatch job array; each task benchmarks its variant."""
     import os
 
+    from hpc.render import template
     from hpc.slurm import commands
     from hpc.sweep import load_sweep, variants
 
@@ -190,7 +180,7 @@ def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML"),
     (out / "logs").mkdir(parents=True, exist_ok=True)
     points = variants(sw, sweep_file, out)
     script = out / "sbatch_sweep.sh"
-    script.write_text(_template("sbatch_sweep.sh.j2").render(
+    script.write_text(template("sbatch_sweep.sh.j2").render(
         sweep=sw.name, nodes=sw.nodes, count=len(points), results=str(out), python=sys.executable,
         extra=_sbatch_extra(sw.gpus_per_node, sw.time, sw.partition, sw.account)))
     argv = ["sbatch", "--parsable"] + (["--wait"] if wait else []) + [str(script)]
@@ -231,13 +221,13 @@ def scale(role: str = typer.Argument(..., help="prefill, decode, aggregated or e
           deployment: Optional[str] = typer.Option(None, help="Deployment name (default: the latest)")) -> None:
     """Add worker steps to the running deployment, or drain and stop some."""
     import os
-    import re as _re
+    import re
 
     from hpc.config import load_deployment
     from hpc.launch import Launcher, LaunchState, stop_steps
-    from hpc.plan import Allocation, plan
+    from hpc.plan import Allocation
 
-    m = _re.fullmatch(r"([+-])(\d+)", change.strip())
+    m = re.fullmatch(r"([+-])(\d+)", change.strip())
     if not m or int(m.group(2)) == 0:
         raise HpcError(f"{change!r}: expected +N or -N, e.g. +1")
     state = LaunchState.load(deployment)
@@ -260,7 +250,7 @@ def scale(role: str = typer.Argument(..., help="prefill, decode, aggregated or e
     bigger = dep.model_copy(update={"workers": dep.workers.model_copy(
         update={role: spec.model_copy(update={"replicas": total})})})
     alloc = Allocation(state.job_id, tuple(state.nodes), state.gpus_per_node, state.created_allocation)
-    p = plan(bigger, alloc, state.config, state.state_dir)
+    p = _plan(bigger, Path(state.config), alloc)
     new = [s for s in p.workers() if s.role == role and s.name not in state.steps]
     launcher = Launcher(bigger, p, env, state=state)
     launcher.scale_up(new, lambda name, detail, secs: console.print(f"  [green]✓[/green] {name:12} {detail} "
@@ -272,15 +262,16 @@ def scale(role: str = typer.Argument(..., help="prefill, decode, aggregated or e
 def stop_cmd(deployment: Optional[str] = typer.Argument(None, help="Deployment name (default: the latest)")) -> None:
     """Cancel exactly the steps `hpc launch` started (scancel JOB.STEP), and its allocation if it made one."""
     import os
+    import time
 
     from hpc.launch import LaunchState, stop_deployment
 
     state = LaunchState.load(deployment)
-    t0 = __import__("time").monotonic()
+    t0 = time.monotonic()
     left = stop_deployment(state, dict(os.environ))
     if left:
         raise HpcError(f"still there after stopping: {', '.join(left)}")
-    console.print(f"stopped {state.deployment} in {__import__('time').monotonic() - t0:.1f} s; no step of ours is "
+    console.print(f"stopped {state.deployment} in {time.monotonic() - t0:.1f} s; no step of ours is "
                   f"left" + (f"; allocation {state.job_id} released" if state.created_allocation else ""))
 
 
@@ -300,7 +291,7 @@ def status(deployment: Optional[str] = typer.Argument(None, help="Deployment nam
     steps = commands.job_steps(state.job_id, env) if job else {}
     console.print(f"deployment [bold]{state.deployment}[/bold]  job {state.job_id} ({job or 'gone'})  "
                   f"frontend {state.frontend_url}")
-    registered = asyncio.run(_registered(state)) if state.endpoints and job else {}
+    registered = asyncio.run(_registered(state)) if state.endpoints and job else set()
     table = Table("component", "nodes", "step", "registered")
     for name, info in state.steps.items():
         sid = steps.get(f"hpc.{state.deployment}.{name}")
@@ -325,7 +316,7 @@ async def _registered(state) -> set[str]:
         return set()
     try:
         d = WorkerDirectory(client, Keys(state.deployment).workers)
-        await d._sync()
+        await d.refresh()
         return {w.worker_id for w in d.workers.values()}
     finally:
         await client.close()

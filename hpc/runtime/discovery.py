@@ -90,7 +90,7 @@ class WorkerDirectory:
         self.synced = asyncio.Event()
 
     async def start(self) -> None:
-        await self._sync()
+        await self.refresh()
         self._task = asyncio.create_task(self._run())
 
     def on_change(self, fn: Callable[[], None]) -> None:
@@ -110,7 +110,8 @@ class WorkerDirectory:
     def models(self) -> set[str]:
         return {w.model for w in self.workers.values()}
 
-    async def _sync(self) -> int:
+    async def refresh(self) -> int:
+        """Read every registration now; returns the etcd revision read."""
         result = await asyncio.wait_for(self.client.get_prefix(self.prefix.encode()), 5)
         fresh = {}
         for kv in result:
@@ -141,7 +142,7 @@ class WorkerDirectory:
         while True:
             try:
                 if revision is None:
-                    revision = await self._sync()
+                    revision = await self.refresh()
                 watch = await self.client.watch_prefix(self.prefix.encode(), start_revision=revision + 1)
                 async for event in watch:
                     fresh = dict(self.workers)
