@@ -290,8 +290,9 @@ class TorchEngine:
         batches = [SeqBatch(start, n, ctx, torch.tensor(blocks, dtype=torch.long, device=dev))
                    for start, n, ctx, blocks in seqs]
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        block_index = torch.cat([b.block_table[torch.arange(b.context_start, b.context_start + b.length,
-                                                            device=dev) // bs] for b in batches])
+        # The block each new token's KV goes to, worked out here: one transfer instead of device ops per sequence.
+        slots = [blocks[p // bs] for _, n, ctx, blocks in seqs for p in range(ctx, ctx + n)]
+        block_index = torch.tensor(slots, dtype=torch.long, device=dev)
         return self.model(torch.tensor(ids, dtype=torch.long, device=dev), pos, batches, self.pool, block_index,
                           pos % bs, torch.tensor(logit_rows, dtype=torch.long, device=dev))
 
