@@ -149,15 +149,13 @@ class Worker:
             self.held_changed.clear()
             if self.transfer:
                 for rid in self.transfer.released():
-                    self.held.pop(rid, None)
-                    self.engine.release(rid)
+                    self.free_held(rid)
             now = time.monotonic()
             for rid, deadline in list(self.held.items()):
                 if now > deadline:
                     log.warning("request %s: KV blocks never read; freeing them after %g s", rid,
                                 self.o.release_after)
-                    self.held.pop(rid)
-                    self.engine.release(rid)
+                    self.free_held(rid)
             if now >= next_load:
                 next_load = now + 0.25
                 stats = self.stats()
@@ -171,10 +169,13 @@ class Worker:
         task = self.tasks.get(rid)
         if task:
             task.cancel()
-        if rid in self.held:
-            self.held.pop(rid)
-            self.engine.release(rid)
+        self.free_held(rid)
         self.engine.cancel(rid)
+
+    def free_held(self, rid: str) -> None:
+        """A prefilled request's blocks: read by the decode worker, never read in time, or cancelled."""
+        if self.held.pop(rid, None) is not None:
+            self.engine.release(rid)
 
     async def handle(self, data: bytes, reply) -> None:
         try:
