@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import msgspec
@@ -220,11 +221,12 @@ class Worker:
             s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, tuple(s.stop_token_ids), s.ignore_eos))
 
     async def _stream(self, rid: str, outputs, reply) -> None:
-        async for out in outputs:
-            if out.error:
-                raise _Reply("internal", out.error)
-            self.metrics.tokens.inc(len(out.token_ids))
-            await reply(encode(TokenDelta(rid, out.token_ids, out.finish_reason)))
+        async with aclosing(outputs):  # an error or a cancel ends the request in the engine now, not at GC
+            async for out in outputs:
+                if out.error:
+                    raise _Reply("internal", out.error)
+                self.metrics.tokens.inc(len(out.token_ids))
+                await reply(encode(TokenDelta(rid, out.token_ids, out.finish_reason)))
 
     async def serve_aggregated(self, req: GenerateRequest, reply) -> None:
         await self._stream(req.request_id, self.engine.generate(self.engine_request(req)), reply)

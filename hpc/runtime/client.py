@@ -2,13 +2,15 @@
 with the KV handle. Used by the frontend, `hpc bench` and the tests.
 
 Every wait has a deadline, and a request waiting on a worker that leaves etcd fails at once (PeerGone) instead of
-waiting out its timeout. A consumer that stops early cancels the request on the workers."""
+waiting out its timeout. A consumer that stops early cancels the request on the workers. Every async generator
+here is closed with `aclosing`, so its cleanup runs at once, not later from the garbage collector."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import uuid
+from contextlib import aclosing
 from typing import AsyncIterator, Callable
 
 from hpc.runtime import discovery
@@ -90,11 +92,12 @@ class ServingClient:
             stream = self._disaggregated(req)
         finished = False
         try:
-            async for delta in stream:
-                yield delta
-                if delta.finish_reason:
-                    finished = True
-                    return
+            async with aclosing(stream):
+                async for delta in stream:
+                    yield delta
+                    if delta.finish_reason:
+                        finished = True
+                        return
         finally:
             if not finished:  # the consumer left early, or an error: stop the work on the workers
                 await self.bus.publish(self.subjects.cancel(req.request_id), b"")
@@ -105,9 +108,10 @@ class ServingClient:
             raise NoWorkers(f"no prefill worker serves model {req.model!r}" if self.directory.by_role("decode", req.model)
                             else f"no worker serves model {req.model!r}")
         result = None
-        async for reply in self._replies(prefill, req):
-            result = reply
-            break
+        async with aclosing(self._replies(prefill, req)) as replies:
+            async for batch in replies:
+                result = batch[0]
+                break
         if not isinstance(result, PrefillResult):
             raise ServingError("internal", f"prefill worker {prefill.worker_id} sent {type(result).__name__}")
         yield TokenDelta(req.request_id, [result.first_token], result.finish_reason)
@@ -118,28 +122,40 @@ class ServingClient:
             raise NoWorkers(f"no decode worker serves model {req.model!r}")
         follow = GenerateRequest(req.request_id, req.model, req.token_ids, req.sampling, first_token=result.first_token,
                                  kv=result.kv, prefill_worker=prefill.worker_id, disagg_params=result.disagg_params)
-        async for delta in self._stream(decode, follow):
-            yield delta
+        async with aclosing(self._stream(decode, follow)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     async def _stream(self, worker: WorkerInfo, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
-        async for reply in self._replies(worker, req):
-            if not isinstance(reply, TokenDelta):
-                raise ServingError("internal", f"worker {worker.worker_id} sent {type(reply).__name__}")
-            yield reply
-            if reply.finish_reason:
-                return
+        async with aclosing(self._replies(worker, req)) as replies:
+            async for batch in replies:
+                for reply in batch:
+                    if not isinstance(reply, TokenDelta):
+                        raise ServingError("internal", f"worker {worker.worker_id} sent {type(reply).__name__}")
+                # Deltas that arrived together go on as one: one text delta, one HTTP write for the frontend.
+                delta = batch[0] if len(batch) == 1 else TokenDelta(
+                    req.request_id, [t for d in batch for t in d.token_ids], batch[-1].finish_reason)
+                yield delta
+                if delta.finish_reason:
+                    return
 
     async def _replies(self, worker: WorkerInfo, req: GenerateRequest):
-        gone = self.directory.gone_event(worker.worker_id)
+        """The worker's decoded replies, in batches of those that arrived together; an ErrorReply raises."""
+        gone = self.directory.gone(worker.worker_id)
         wid = worker.worker_id
         self.in_flight[wid] = self.in_flight.get(wid, 0) + 1
         try:
-            async for data in self.bus.stream(worker.subject, encode(req), self.first_token_timeout,
-                                              self.idle_timeout, gone=gone):
-                reply = decode_reply(data)
-                if isinstance(reply, ErrorReply):
-                    raise ServingError(reply.code, f"{worker.role} worker {wid}: {reply.message}")
-                yield reply
+            async with aclosing(self.bus.stream(worker.subject, encode(req), self.first_token_timeout,
+                                                self.idle_timeout, gone=gone)) as stream:
+                async for batch in stream:
+                    replies = [decode_reply(data) for data in batch]
+                    error = next((i for i, r in enumerate(replies) if isinstance(r, ErrorReply)), None)
+                    if error is None:
+                        yield replies
+                        continue
+                    if error:  # the replies before the error first
+                        yield replies[:error]
+                    raise ServingError(replies[error].code, f"{worker.role} worker {wid}: {replies[error].message}")
         finally:
             self.in_flight[wid] -= 1
 

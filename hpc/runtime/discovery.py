@@ -83,7 +83,7 @@ class WorkerDirectory:
     def __init__(self, client: aetcd.Client, prefix: str):
         self.client, self.prefix = client, prefix
         self.workers: dict[str, WorkerInfo] = {}
-        self._gone: dict[str, asyncio.Event] = {}
+        self._gone: dict[str, asyncio.Future] = {}
         self._listeners: list[Callable[[], None]] = []
         self._task: asyncio.Task | None = None
         self._stopped = False
@@ -96,12 +96,17 @@ class WorkerDirectory:
     def on_change(self, fn: Callable[[], None]) -> None:
         self._listeners.append(fn)
 
-    def gone_event(self, worker_id: str) -> asyncio.Event:
-        """Set when the worker leaves; requests waiting on it fail at once instead of at their timeout."""
-        ev = self._gone.setdefault(worker_id, asyncio.Event())
-        if not any(w.worker_id == worker_id for w in self.workers.values()):
-            ev.set()
-        return ev
+    def gone(self, worker_id: str) -> asyncio.Future:
+        """Done when the worker leaves: requests waiting on it fail at once instead of at their timeout. A future,
+        not an Event, so a waiter adds a callback instead of starting a task per request."""
+        fut = self._gone.get(worker_id)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            if any(w.worker_id == worker_id for w in self.workers.values()):
+                self._gone[worker_id] = fut  # completed and dropped when the worker leaves
+            else:
+                fut.set_result(None)
+        return fut
 
     def by_role(self, role: str, model: str | None = None) -> list[WorkerInfo]:
         return sorted((w for w in self.workers.values() if w.role == role and (model is None or w.model == model)),
@@ -130,10 +135,9 @@ class WorkerDirectory:
         self.workers = fresh
         after = {w.worker_id for w in fresh.values()}
         for wid in before - after:
-            self._gone.setdefault(wid, asyncio.Event()).set()
-        for wid in after:
-            if wid in self._gone and self._gone[wid].is_set():
-                self._gone.pop(wid)
+            fut = self._gone.pop(wid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
         for fn in self._listeners:
             fn()
 

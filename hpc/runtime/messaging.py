@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, Callable
 
 import nats
@@ -29,11 +30,6 @@ _GONE = object()
 async def _log_error(e: Exception) -> None:
     """nats-py would print a traceback per connection error; one line is enough (callers report failures)."""
     log.warning("NATS: %s", str(e) or type(e).__name__)
-
-
-async def _put_when_set(event: asyncio.Event, queue: asyncio.Queue) -> None:
-    await event.wait()
-    queue.put_nowait(_GONE)
 
 
 async def _get_within(queue: asyncio.Queue, timeout: float):
@@ -107,8 +103,9 @@ class Bus:
         return await self.nc.subscribe(subject, cb=cb)
 
     async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
-        async for reply in self.stream(subject, data, timeout, timeout):
-            return reply
+        async with aclosing(self.stream(subject, data, timeout, timeout)) as replies:
+            async for batch in replies:
+                return batch[0]
         raise RequestTimeout(f"no reply on {subject}")
 
     async def _replies_inbox(self) -> str:
@@ -126,16 +123,20 @@ class Bus:
         return self._mux_prefix
 
     async def stream(self, subject: str, data: bytes, first_timeout: float, idle_timeout: float,
-                     gone: asyncio.Event | None = None) -> AsyncIterator[bytes]:
-        """Send `data` and yield replies until the consumer stops. The first reply must come within
-        `first_timeout`, each next one within `idle_timeout`; `gone` set means the peer left: fail at once."""
+                     gone: asyncio.Future | None = None) -> AsyncIterator[list[bytes]]:
+        """Send `data` and yield its replies until the consumer stops: each time, every reply that has arrived,
+        oldest first (a consumer that falls behind catches up in one step). The first reply must come within
+        `first_timeout`, each next one within `idle_timeout`; `gone` done means the peer left: fail at once."""
         prefix = await self._replies_inbox()
         token = f"{next(self._counter):x}"
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[token] = queue
-        watcher = None
-        if gone is not None:  # the directory sets it when the worker's lease ends: wake the wait at once
-            watcher = asyncio.get_running_loop().create_task(_put_when_set(gone, queue))
+
+        def wake(_):  # the directory completes `gone` when the worker's lease ends: wake the wait at once
+            queue.put_nowait(_GONE)
+
+        if gone is not None:
+            gone.add_done_callback(wake)
         try:
             await self.nc.publish(subject, data, reply=f"{prefix}.{token}")
             timeout = first_timeout
@@ -144,16 +145,27 @@ class Bus:
                     msg = await _get_within(queue, timeout)
                 except asyncio.TimeoutError:
                     raise RequestTimeout(f"no reply on {subject} within {timeout:g} s") from None
-                if msg is _GONE:
-                    raise PeerGone(f"the worker serving {subject} left")
-                if msg.headers and msg.headers.get("Status") == "503":  # the server says: no subscriber
-                    raise PeerGone(f"nothing serves {subject}")
-                yield msg.data
+                batch = []
+                while True:
+                    if msg is _GONE:
+                        failure = PeerGone(f"the worker serving {subject} left")
+                    elif msg.headers and msg.headers.get("Status") == "503":  # the server: no subscriber
+                        failure = PeerGone(f"nothing serves {subject}")
+                    else:
+                        batch.append(msg.data)
+                        if queue.empty():
+                            break
+                        msg = queue.get_nowait()
+                        continue
+                    if batch:  # what came before the failure first
+                        yield batch
+                    raise failure
+                yield batch
                 timeout = idle_timeout
         finally:
             self._streams.pop(token, None)
-            if watcher is not None:
-                watcher.cancel()
+            if gone is not None:
+                gone.remove_done_callback(wake)
 
     async def close(self) -> None:
         try:
