@@ -48,15 +48,10 @@ def main(argv=None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     port = a.port or free_port()
-    app = create_app(Frontend(a.deployment, a.etcd, a.nats, a.router, a.model, a.request_timeout))
-
     shown = a.host if a.host not in ("0.0.0.0", "::") else (os.environ.get("HPC_ADVERTISE_HOST")
                                                              or socket.gethostname())
-
-    @app.on_event("startup")
-    async def announce():
-        print(f"HPC_FRONTEND_READY http://{shown}:{port}", flush=True)
-
+    app = create_app(Frontend(a.deployment, a.etcd, a.nats, a.router, a.model, a.request_timeout),
+                     on_ready=lambda: print(f"HPC_FRONTEND_READY http://{shown}:{port}", flush=True))
     try:
         uvicorn.run(app, host=a.host, port=port, log_level="warning", loop="auto", timeout_graceful_shutdown=5)
     except SystemExit as e:

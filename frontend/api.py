@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -19,11 +18,6 @@ class ApiError(Exception):
                  headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
-
-
-def error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.status}},
-                        status_code=e.status, headers=e.headers)
 
 
 class StreamOptions(BaseModel):

@@ -1,24 +1,21 @@
-"""The frontend's HTTP surface: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics."""
+"""The frontend: its state (workers, models, metrics) and its HTTP surface: /v1/chat/completions, /v1/completions
+(frontend/generation.py), /v1/models, /health, /metrics."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import time
-import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from frontend.api import ApiError, ChatRequest, Common, CompletionRequest, Unsupported, error_response
-from frontend.preprocess import ModelFiles, PreprocessError, StopStrings
+from frontend.api import ApiError, Common
+from frontend.generation import GenerationApp
+from frontend.preprocess import ModelFiles, StopStrings
 from frontend.router import LoadBoard, make_router
-from hpc.runtime.client import NoWorkers, ServingClient, ServingError
-from hpc.runtime.messaging import PeerGone, RequestTimeout
+from hpc.runtime.client import ServingClient
 from hpc.runtime.protocol import Sampling, decode_reply
 
 log = logging.getLogger("frontend")
@@ -97,7 +94,8 @@ class Frontend:
                 (self.metrics.ttft if last is None else self.metrics.itl).observe(now - (last or started))
                 last = now
                 count += len(delta.token_ids)
-                text, hit = stops.feed(detok.add(delta.token_ids))
+                text = detok.add(delta.token_ids) + (detok.flush() if delta.finish_reason else "")
+                text, hit = stops.feed(text)
                 if hit:
                     yield text, "stop", count
                     return
@@ -110,51 +108,19 @@ class Frontend:
             await stream.aclose()  # stops the work on the workers if we leave early (stop string, disconnect)
 
 
-def to_api_error(e: Exception) -> ApiError:
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, (Unsupported, PreprocessError)):
-        return ApiError(400, str(e), param=getattr(e, "option", None))
-    if isinstance(e, NoWorkers):
-        return ApiError(503, str(e), "service_unavailable", headers={"Retry-After": "1"})
-    if isinstance(e, RequestTimeout):
-        return ApiError(504, f"a worker did not answer in time: {e}", "timeout")
-    if isinstance(e, PeerGone):
-        return ApiError(502, f"the worker serving the request failed: {e}", "worker_error")
-    if isinstance(e, ServingError):
-        if e.code == "bad_request":
-            return ApiError(400, str(e))
-        return ApiError(503 if e.code == "unavailable" else 502, str(e), "worker_error")
-    log.exception("unexpected error")
-    return ApiError(500, f"internal error: {type(e).__name__}", "internal_error")
-
-
-def create_app(fe: Frontend) -> FastAPI:
-    app = FastAPI(title="hpc frontend", docs_url=None, redoc_url=None)
+def control_app(fe: Frontend, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """/v1/models, /health and /metrics; the generation endpoints are frontend/generation.py's hot path."""
+    app = FastAPI(title="hpc frontend", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.on_event("startup")
     async def startup():
         await fe.start()
+        if on_ready is not None:
+            on_ready()
 
     @app.on_event("shutdown")
     async def shutdown():
         await fe.close()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        if first.get("type") == "json_invalid":
-            err = ApiError(400, f"malformed JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
-        else:
-            where = ".".join(str(p) for p in first["loc"] if p != "body")
-            err = ApiError(400, f"{where or 'body'}: {first['msg']}", param=where or None)
-        fe.metrics.requests.labels("400").inc()
-        return error_response(err)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        fe.metrics.requests.labels(str(exc.status)).inc()
-        return error_response(exc)
 
     @app.get("/v1/models")
     async def models():
@@ -176,99 +142,8 @@ def create_app(fe: Frontend) -> FastAPI:
     async def metrics():
         return Response(generate_latest(fe.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request):
-        def prompt(files: ModelFiles) -> list[int]:
-            return files.encode(files.render_chat([{"role": m.role, "content": m.text()} for m in req.messages]))
-
-        return await serve(req, request, prompt, req.max_completion_tokens or req.max_tokens, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        def prompt(files: ModelFiles) -> list[int]:
-            p = req.prompt
-            if isinstance(p, list) and p and all(isinstance(t, str) for t in p):
-                if len(p) != 1:
-                    raise Unsupported("prompt", "one prompt per request")
-                p = p[0]
-            ids = files.encode(p) if isinstance(p, str) else list(p)
-            if not ids:
-                raise ApiError(400, "prompt: empty", param="prompt")
-            return ids
-
-        return await serve(req, request, prompt, req.max_tokens, chat=False)
-
-    async def serve(req: Common, request: Request, make_prompt, max_tokens: int | None, chat: bool):
-        started = time.perf_counter()
-        try:
-            req.check_supported()
-            if not fe.path_complete(req.model):
-                raise fe.missing(req.model) if req.model not in fe.live_models() else NoWorkers(
-                    f"model {req.model!r} has no complete path (prefill and decode, or aggregated) right now")
-            files = fe.model_files(req.model)
-            prompt = make_prompt(files)
-            max_tokens = max_tokens or max(1, min(16, files.context_length - len(prompt)))
-            files.check_length(len(prompt), max_tokens)
-            events = fe.events(req, prompt, files, max_tokens, started)
-            first = await events.__anext__()  # errors before the first token become HTTP errors
-        except Exception as e:
-            raise to_api_error(e) from None
-        fe.metrics.in_flight.inc()
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        usage = lambda n: {"prompt_tokens": len(prompt), "completion_tokens": n,  # noqa: E731
-                           "total_tokens": len(prompt) + n}
-        if not req.stream:
-            text, reason, n = first
-            try:
-                async for more, reason, n in events:
-                    text += more
-            except Exception as e:
-                fe.metrics.in_flight.dec()
-                raise to_api_error(e) from None
-            fe.metrics.in_flight.dec()
-            fe.metrics.requests.labels("200").inc()
-            choice = {"index": 0, "finish_reason": reason, "logprobs": None}
-            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-            return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                    "model": req.model, "choices": [choice], "usage": usage(n)}
-
-        def chunk(text: str | None, reason: str | None, role: bool = False) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-            body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                    "created": int(time.time()), "model": req.model, "choices": [choice]}
-            return f"data: {json.dumps(body)}\n\n"
-
-        async def sse():
-            n = 0
-            try:
-                if chat:
-                    yield chunk(None, None, role=True)
-                text, reason, n = first
-                yield chunk(text, reason)
-                async for text, reason, n in events:
-                    yield chunk(text, reason)
-                if req.stream_options and req.stream_options.include_usage:
-                    body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                            "created": int(time.time()), "model": req.model, "choices": [], "usage": usage(n)}
-                    yield f"data: {json.dumps(body)}\n\n"
-                fe.metrics.requests.labels("200").inc()
-            except asyncio.CancelledError:  # the client went away: `events` cancels the work as it closes
-                fe.metrics.requests.labels("499").inc()
-                raise
-            except Exception as e:  # after the first token: report in the stream, never hang it
-                err = to_api_error(e)
-                fe.metrics.requests.labels(str(err.status)).inc()
-                yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'code': err.status}})}\n\n"
-            finally:
-                fe.metrics.in_flight.dec()
-                await events.aclose()
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
     return app
+
+
+def create_app(fe: Frontend, on_ready: Callable[[], None] | None = None) -> GenerationApp:
+    return GenerationApp(fe, control_app(fe, on_ready))

@@ -70,6 +70,13 @@ class Detokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full[len(prefix):]
 
+    def flush(self) -> str:
+        """At the end of the answer: the text held back, even if it ends in an incomplete sequence."""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix):]
+
 
 class StopStrings:
     """Finds stop strings in streamed text, holding back just enough text that a stop string split across

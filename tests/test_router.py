@@ -78,3 +78,32 @@ def test_detokenizer_streams_the_same_text(tiny_model):
     ids = tok.encode("Héllo, wörld! Once upon a time 🐉 there was a model.").ids
     d = Detokenizer(tok)
     assert "".join(d.add([i]) for i in ids) == tok.decode(ids)
+
+
+def test_detokenizer_text_does_not_depend_on_grouping_and_ends_whole(tiny_model):
+    """Tokens arrive one by one or merged; an answer may end inside a multi-byte character."""
+    import random
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    rng = random.Random(3)
+    for trial in range(50):
+        ids = [rng.randrange(tok.get_vocab_size()) for _ in range(rng.randrange(1, 40))]
+        d, text, i = Detokenizer(tok), "", 0
+        while i < len(ids):
+            n = rng.randrange(1, 6)
+            text += d.add(ids[i:i + n])
+            i += n
+        assert text + d.flush() == tok.decode(ids, skip_special_tokens=True), trial
+
+
+def test_sse_events_stay_on_one_line():
+    """JSON leaves U+2028, U+2029 and U+0085 raw; line splitters (httpx, str.splitlines) would cut the event."""
+    import json
+
+    from frontend.generation import sse_event
+
+    event = sse_event({"text": "a\u2028b\u2029c\x85d\ne"}).decode()
+    assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+    assert json.loads(event[len("data: "):]) == {"text": "a\u2028b\u2029c\x85d\ne"}

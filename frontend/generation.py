@@ -1,0 +1,260 @@
+"""POST /v1/chat/completions and /v1/completions, served as a plain ASGI app in front of the FastAPI app that
+serves everything else (/v1/models, /health, /metrics).
+
+This is the frontend's hot path. It skips FastAPI's routing and middleware stack and Starlette's
+StreamingResponse, which starts a task group per response; the disconnect watcher starts only after the first
+token is on the wire. benchmarks/frontend.py measures what that saves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Callable
+
+import msgspec
+from pydantic import ValidationError
+
+from frontend.api import ApiError, ChatRequest, Common, CompletionRequest, Unsupported
+from frontend.preprocess import ModelFiles, PreprocessError
+from hpc.runtime.client import NoWorkers, ServingError
+from hpc.runtime.messaging import PeerGone, RequestTimeout
+
+log = logging.getLogger("frontend")
+MAX_BODY_BYTES = 32 << 20
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+_encode = msgspec.json.Encoder().encode
+# Characters that JSON leaves raw but line splitters (Python's str.splitlines, httpx's iter_lines) break lines at.
+_LINE_BREAKS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"), (b"\xc2\x85", b"\\u0085"))
+
+
+def sse_event(body: dict) -> bytes:
+    data = _encode(body)
+    for raw, escaped in _LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the request was read or answered."""
+
+
+def to_api_error(e: Exception) -> ApiError:
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, (Unsupported, PreprocessError)):
+        return ApiError(400, str(e), param=getattr(e, "option", None))
+    if isinstance(e, NoWorkers):
+        return ApiError(503, str(e), "service_unavailable", headers={"Retry-After": "1"})
+    if isinstance(e, RequestTimeout):
+        return ApiError(504, f"a worker did not answer in time: {e}", "timeout")
+    if isinstance(e, PeerGone):
+        return ApiError(502, f"the worker serving the request failed: {e}", "worker_error")
+    if isinstance(e, ServingError):
+        if e.code == "bad_request":
+            return ApiError(400, str(e))
+        return ApiError(503 if e.code == "unavailable" else 502, str(e), "worker_error")
+    log.exception("unexpected error")
+    return ApiError(500, f"internal error: {type(e).__name__}", "internal_error")
+
+
+async def read_body(receive) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def parse(model: type[Common], body: bytes) -> Common:
+    """The request body, validated; the first problem as a 400 naming the field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise ApiError(400, f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}") from None
+        where = ".".join(str(p) for p in first["loc"])
+        raise ApiError(400, f"{where or 'body'}: {first['msg']}", param=where or None) from None
+
+
+async def send_json(send, status: int, body: dict, headers: dict | None = None) -> None:
+    raw = [(b"content-type", b"application/json")]
+    raw += [(k.lower().encode(), str(v).encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": _encode(body)})
+
+
+def prompt_of(req: Common, files: ModelFiles) -> list[int]:
+    if isinstance(req, ChatRequest):
+        return files.encode(files.render_chat([{"role": m.role, "content": m.text()} for m in req.messages]))
+    p = req.prompt
+    if isinstance(p, list) and p and all(isinstance(t, str) for t in p):
+        if len(p) != 1:
+            raise Unsupported("prompt", "one prompt per request")
+        p = p[0]
+    ids = files.encode(p) if isinstance(p, str) else list(p)
+    if not ids:
+        raise ApiError(400, "prompt: empty", param="prompt")
+    return ids
+
+
+class Chunks:
+    """The OpenAI response bodies of one request, chat or text completion."""
+
+    def __init__(self, req: Common, prompt_tokens: int):
+        self.chat = isinstance(req, ChatRequest)
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.model, self.created, self.prompt_tokens = req.model, int(time.time()), prompt_tokens
+
+    def usage(self, n: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+
+    def _event(self, choices: list, **extra) -> bytes:
+        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": choices, **extra}
+        return sse_event(body)
+
+    def role(self) -> bytes:
+        return self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                             "logprobs": None}])
+
+    def delta(self, text: str, reason: str | None) -> bytes:
+        if self.chat:
+            choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason,
+                      "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        return self._event([choice])
+
+    def final_usage(self, n: int) -> bytes:
+        return self._event([], usage=self.usage(n))
+
+    def whole(self, text: str, reason: str | None, n: int) -> dict:
+        choice = {"index": 0, "finish_reason": reason, "logprobs": None}
+        choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": [choice], "usage": self.usage(n)}
+
+
+class GenerationApp:
+    """The ASGI app the frontend serves: the generation endpoints here, anything else to `fallback`."""
+
+    ROUTES = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest}
+
+    def __init__(self, fe, fallback: Callable):
+        self.fe, self.fallback = fe, fallback
+
+    async def __call__(self, scope, receive, send) -> None:
+        model = self.ROUTES.get(scope.get("path")) if scope["type"] == "http" else None
+        if model is None:
+            return await self.fallback(scope, receive, send)
+        if scope["method"] != "POST":
+            return await self.fail(send, ApiError(405, f"{scope['path']} takes POST", headers={"Allow": "POST"}))
+        try:
+            await self.generate(model, receive, send)
+        except ClientGone:
+            self.fe.metrics.requests.labels("499").inc()
+
+    async def fail(self, send, err: ApiError) -> None:
+        self.fe.metrics.requests.labels(str(err.status)).inc()
+        await send_json(send, err.status, {"error": {"message": err.message, "type": err.type, "param": err.param,
+                                                     "code": err.status}}, err.headers)
+
+    async def generate(self, model: type[Common], receive, send) -> None:
+        fe, started = self.fe, time.perf_counter()
+        try:
+            req = parse(model, await read_body(receive))
+            req.check_supported()
+            if not fe.path_complete(req.model):
+                raise fe.missing(req.model) if req.model not in fe.live_models() else NoWorkers(
+                    f"model {req.model!r} has no complete path (prefill and decode, or aggregated) right now")
+            files = fe.model_files(req.model)
+            prompt = prompt_of(req, files)
+            max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+            max_tokens = max_tokens or max(1, min(16, files.context_length - len(prompt)))
+            files.check_length(len(prompt), max_tokens)
+            events = fe.events(req, prompt, files, max_tokens, started)
+            first = await events.__anext__()  # errors before the first token become HTTP errors
+        except ClientGone:
+            raise
+        except Exception as e:
+            return await self.fail(send, to_api_error(e))
+        chunks = Chunks(req, len(prompt))
+        fe.metrics.in_flight.inc()
+        try:
+            if req.stream:
+                await self.stream(receive, send, self.sse(req, chunks, first, events))
+            else:
+                await self.whole(send, chunks, first, events)
+        finally:
+            fe.metrics.in_flight.dec()
+            await events.aclose()  # stops the work on the workers if we leave early
+
+    async def whole(self, send, chunks: Chunks, first: tuple, events: AsyncIterator) -> None:
+        text, reason, n = first
+        try:
+            async for more, reason, n in events:
+                text += more
+        except Exception as e:
+            return await self.fail(send, to_api_error(e))
+        self.fe.metrics.requests.labels("200").inc()
+        await send_json(send, 200, chunks.whole(text, reason, n))
+
+    async def sse(self, req: Common, chunks: Chunks, first: tuple, events: AsyncIterator) -> AsyncIterator[bytes]:
+        text, reason, n = first
+        yield (chunks.role() if chunks.chat else b"") + chunks.delta(text, reason)
+        try:
+            async for text, reason, n in events:
+                yield chunks.delta(text, reason)
+        except Exception as e:  # after the first token: report in the stream, never hang it
+            err = to_api_error(e)
+            self.fe.metrics.requests.labels(str(err.status)).inc()
+            yield sse_event({"error": {"message": err.message, "type": err.type, "code": err.status}})
+        else:
+            if req.stream_options and req.stream_options.include_usage:
+                yield chunks.final_usage(n)
+            self.fe.metrics.requests.labels("200").inc()
+        yield b"data: [DONE]\n\n"
+
+    async def stream(self, receive, send, body: AsyncIterator[bytes]) -> None:
+        """Send `body` as an event stream. A client that leaves cancels it (ClientGone), which closes `body`
+        and so the request on the workers."""
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        streaming, watcher = asyncio.current_task(), None
+        state = {"done": False, "gone": False}
+
+        async def cancel_on_disconnect():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not state["done"]:
+                state["gone"] = True
+                streaming.cancel()
+
+        try:
+            async for chunk in body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if watcher is None:  # off the first-token path: a task costs a loop iteration
+                    watcher = asyncio.create_task(cancel_on_disconnect())
+            state["done"] = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise
+            if hasattr(streaming, "uncancel"):  # Python 3.11+: this cancellation is handled
+                streaming.uncancel()
+            raise ClientGone from None
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            await body.aclose()
