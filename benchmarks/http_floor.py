@@ -1,32 +1,31 @@
-"""The HTTP floor: an empty FastAPI streaming endpoint on uvicorn, the same stack as the frontend, that answers
-at once. Run as a server: `python benchmarks/http_floor.py PORT`; benchmarks/frontend.py measures its TTFT."""
+"""The HTTP floor: an empty streaming endpoint on the frontend's HTTP stack (a plain ASGI app on uvicorn, as
+frontend/generation.py is) that answers at once. Run as a server: `python benchmarks/http_floor.py PORT`;
+benchmarks/frontend.py measures its TTFT."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import uvicorn
-from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
 
-app = FastAPI()
+CHUNK = b'data: {"choices": [{"text": "x", "finish_reason": "length"}], "usage": {"completion_tokens": 1}}\n\n'
 
 
-class Body(BaseModel):
-    model: str
-    prompt: list[int]
-    max_tokens: int = 16
-
-
-@app.post("/v1/completions")
-async def completions(body: Body):
-    async def sse():
-        yield 'data: {"choices": [{"text": "x", "finish_reason": "length"}], "usage": {"completion_tokens": 1}}\n\n'
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(sse(), media_type="text/event-stream")
+async def app(scope, receive, send) -> None:
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    json.loads(body)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
+    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", lifespan="off")
