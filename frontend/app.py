@@ -10,6 +10,7 @@ from typing import AsyncIterator, Callable
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from frontend.api import ApiError, Common
 from frontend.generation import GenerationApp
@@ -121,6 +122,13 @@ def control_app(fe: Frontend, on_ready: Callable[[], None] | None = None) -> Fas
     @app.on_event("shutdown")
     async def shutdown():
         await fe.close()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):  # 404, 405: in OpenAI's format too
+        fe.metrics.requests.labels(str(exc.status_code)).inc()
+        return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {exc.detail}",
+                                       "type": "invalid_request_error", "param": None, "code": exc.status_code}},
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/v1/models")
     async def models():

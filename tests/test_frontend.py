@@ -108,6 +108,16 @@ def test_errors_in_openai_format(stacks, body, status, needle):
     assert needle in err["message"] and "Traceback" not in r.text
 
 
+def test_wrong_method_path_and_size_in_openai_format(stacks):
+    url = stacks["dis"].url
+    r = httpx.get(f"{url}/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and "takes POST" in r.json()["error"]["message"]
+    r = httpx.get(f"{url}/v1/nothing")
+    assert r.status_code == 404 and "/v1/nothing" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/completions", content=b"x" * (33 << 20), timeout=60)
+    assert r.status_code == 413 and "larger than 32 MiB" in r.json()["error"]["message"]
+
+
 def test_health_models_and_metrics(stacks):
     url = stacks["dis"].url
     assert httpx.get(f"{url}/health").json() == {"status": "ready", "models": {MODEL: "ready"}}
