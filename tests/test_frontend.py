@@ -4,6 +4,7 @@ disconnects, workers joining and leaving. Real etcd, NATS, NIXL, torch on CPU.""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -126,6 +127,18 @@ def test_health_models_and_metrics(stacks):
     client(stacks["dis"]).completions.create(model=MODEL, prompt="Hi", max_tokens=2)  # something to count
     metrics = httpx.get(f"{url}/metrics").text
     assert "hpc_frontend_ttft_seconds_bucket" in metrics and 'hpc_frontend_requests_total{status="200"}' in metrics
+
+
+def test_hpc_bench_against_the_frontend(stacks, tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "hpc", "bench", "--url", stacks["dis"].url, "--isl", "24", "--osl",
+                        "5", "--concurrency", "1,3", "--requests", "6", "--out", str(out), "--plot",
+                        str(tmp_path / "bench.png")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["concurrency"] for row in rows] == [1, 3]
+    assert all(row["errors"] == 0 and row["ttft_p50_ms"] > 0 and row["output_tok_s"] > 0 for row in rows)
+    assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
 async def wait_blocks_free(stack, deployment: str) -> list:
