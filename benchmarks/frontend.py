@@ -5,10 +5,10 @@
 Starts `configs/tiny-mocker.yaml`-like deployments through `hpc serve`'s local backend (etcd, NATS, frontend,
 mocker workers; aggregated and disaggregated), then streams 16-token requests through the frontend. With zero
 simulated compute, TTFT is what the frontend, NATS, the router and the worker loop add; requests/s is the
-sustained rate. At concurrency 1 each request through the frontend is followed by the same request straight to
-the workers through the runtime client (no HTTP) and one to an empty HTTP endpoint, interleaved so that all three
-see the same machine: the difference of the first two is what the frontend adds. Prints tables and writes
-benchmarks/results/frontend.json."""
+sustained rate. The same requests also go straight to the workers through the runtime client (no HTTP, no
+frontend), at the same concurrency: the difference is what the frontend adds. At concurrency 1 the two, and an
+empty HTTP endpoint, are interleaved request by request so that all three see the same machine. Prints tables and
+writes benchmarks/results/frontend.json."""
 
 from __future__ import annotations
 
@@ -43,25 +43,35 @@ def deployment(d: Path, name: str, workers: str) -> Path:
     return p
 
 
+async def straight_ttft(direct, prompt: list[int], osl: int) -> float:
+    """TTFT of one request sent straight to the workers through the runtime client (no HTTP, no frontend)."""
+    from hpc.runtime.protocol import Sampling
+
+    t0 = time.perf_counter()
+    stream = direct.generate("mock", prompt, Sampling(max_tokens=osl, ignore_eos=True))
+    await stream.__anext__()
+    ttft = time.perf_counter() - t0
+    async for _ in stream:
+        pass
+    return ttft
+
+
+def runtime_client(local: LocalDeployment):
+    from hpc.runtime.client import ServingClient
+
+    return ServingClient(local.dep.name, local.etcd.url, local.nats.url)
+
+
 async def paired_ttft_ms(local: LocalDeployment, floor_url: str, n: int, osl: int) -> dict:
     """Concurrency 1, interleaved so that all three see the same machine: each round sends one request through
     the frontend (HTTP), the same request straight to the workers (runtime client, no HTTP), and one to the
     empty HTTP endpoint, in a random order: on a VM, a request that follows an idle gap pays to wake the
     processes it reaches, so no way may always follow the same other. Returns p50/p99 TTFT of each, in ms."""
-    from hpc.runtime.client import ServingClient
-    from hpc.runtime.protocol import Sampling
-
     async def through_frontend(prompt):
         return (await bench.one(http, local.url, "mock", prompt, osl)).ttft
 
     async def straight(prompt):
-        t0 = time.perf_counter()
-        stream = direct.generate("mock", prompt, Sampling(max_tokens=osl, ignore_eos=True))
-        await stream.__anext__()
-        ttft = time.perf_counter() - t0
-        async for _ in stream:
-            pass
-        return ttft
+        return await straight_ttft(direct, prompt, osl)
 
     async def floor(prompt):
         return (await bench.one(http, floor_url, "m", prompt, 1)).ttft
@@ -69,8 +79,7 @@ async def paired_ttft_ms(local: LocalDeployment, floor_url: str, n: int, osl: in
     ways = {"frontend": through_frontend, "direct": straight, "floor": floor}
     ttft = {key: [] for key in ways}
     order = random.Random(7)
-    async with ServingClient(local.dep.name, local.etcd.url, local.nats.url) as direct, \
-            bench.session(2, 30) as http:
+    async with runtime_client(local) as direct, bench.session(2, 30) as http:
         for i, prompt in enumerate(bench.make_prompts(n + 20, 32, 10, 500, seed=99)):
             keys = list(ways)
             order.shuffle(keys)  # each way follows each other way equally often
@@ -78,8 +87,23 @@ async def paired_ttft_ms(local: LocalDeployment, floor_url: str, n: int, osl: in
                 took = await ways[key](prompt)
                 if i >= 20:  # after a warm-up
                     ttft[key].append(took)
-    return {f"{key}_ttft_p{p}_ms": round(1000 * bench.percentile(xs, p), 3) for key, xs in ttft.items()
-            for p in (50, 99)}
+    return {f"{key}_ttft_p{p}_ms": ms(xs, p) for key, xs in ttft.items() for p in (50, 99)}
+
+
+async def direct_ttft_ms(local: LocalDeployment, prompts: list[list[int]], osl: int, concurrency: int) -> dict:
+    """The same requests straight to the workers at the same concurrency: TTFT p50/p99 in ms."""
+    gate = asyncio.Semaphore(concurrency)
+    async with runtime_client(local) as direct:
+        async def run(prompt):
+            async with gate:
+                return await straight_ttft(direct, prompt, osl)
+
+        ttft = await asyncio.gather(*(run(p) for p in prompts))
+    return {f"direct_ttft_p{p}_ms": ms(ttft, p) for p in (50, 99)}
+
+
+def ms(values: list[float], p: float) -> float:
+    return round(1000 * bench.percentile(values, p), 3)
 
 
 @contextmanager
@@ -96,13 +120,17 @@ def http_floor():
         stop(Pid.of(server.pid), popen=server)
 
 
-async def measure(url: str, levels: list[int], n: int, osl: int) -> list[dict]:
+async def measure(local: LocalDeployment, levels: list[int], n: int, osl: int) -> list[dict]:
+    """Each concurrency through the frontend, then straight to the workers (concurrency > 1; concurrency 1 is
+    measured interleaved, by paired_ttft_ms)."""
     rows = []
     for c in levels:
         prompts = bench.make_prompts(n, 32, 10, 500, seed=c)
-        await bench.level(url, "mock", prompts[: min(n, 20)], osl, c, 60)  # warm-up
-        results, wall = await bench.level(url, "mock", prompts, osl, c, 60)
+        await bench.level(local.url, "mock", prompts[: min(n, 20)], osl, c, 60)  # warm-up
+        results, wall = await bench.level(local.url, "mock", prompts, osl, c, 60)
         rows.append(bench.summarize(c, results, wall))
+        if c > 1:
+            rows[-1].update(await direct_ttft_ms(local, prompts, osl, c))
     return rows
 
 
@@ -128,23 +156,30 @@ def main() -> None:
             local.start()
             try:
                 paired = asyncio.run(paired_ttft_ms(local, floor_url, args.requests, args.osl))
-                for r in asyncio.run(measure(local.url, levels, args.requests, args.osl)):
-                    rows.append({"mode": mode, **{k: r[k] for k in KEYS}})
-                    if r["concurrency"] == 1:
-                        rows[-1].update(paired, added_p50_ms=round(paired["frontend_ttft_p50_ms"]
-                                                                   - paired["direct_ttft_p50_ms"], 2))
-                    print(rows[-1], flush=True)
+                for r in asyncio.run(measure(local, levels, args.requests, args.osl)):
+                    row = {"mode": mode, **{k: r[k] for k in KEYS}}
+                    through = paired if r["concurrency"] == 1 else {
+                        "frontend_ttft_p50_ms": r["ttft_p50_ms"], "frontend_ttft_p99_ms": r["ttft_p99_ms"], **r}
+                    for p in (50, 99):
+                        row[f"added_p{p}_ms"] = round(through[f"frontend_ttft_p{p}_ms"]
+                                                      - through[f"direct_ttft_p{p}_ms"], 2)
+                    row.update({k: v for k, v in through.items() if k.startswith(("frontend_", "direct_",
+                                                                                  "floor_"))})
+                    rows.append(row)
+                    print(row, flush=True)
             finally:
                 local.stop()
     path = write_result("frontend", rows, {"osl": args.osl, "isl": 32, "cpu_cores": os.cpu_count()})
     print(table(rows, ["mode", "concurrency", "errors", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
                        "req_s"]))
-    print("\nConcurrency 1, interleaved requests, TTFT p50 / p99 in ms:")
-    print(table([r for r in rows if "added_p50_ms" in r],
-                ["mode", "frontend_ttft_p50_ms", "direct_ttft_p50_ms", "added_p50_ms", "floor_ttft_p50_ms",
-                 "frontend_ttft_p99_ms", "direct_ttft_p99_ms", "floor_ttft_p99_ms"]))
-    print("frontend: through the frontend over HTTP; direct: the same requests straight to the workers; added: "
-          "the difference;\nfloor: an empty streaming endpoint on the same HTTP stack (plain ASGI on uvicorn), same HTTP client.")
+    print("\nTTFT p50 / p99 in ms: through the frontend over HTTP, straight to the workers (runtime client, no "
+          "HTTP), and the difference:")
+    print(table(rows, ["mode", "concurrency", "frontend_ttft_p50_ms", "direct_ttft_p50_ms", "added_p50_ms",
+                       "frontend_ttft_p99_ms", "direct_ttft_p99_ms", "added_p99_ms"]))
+    for r in rows:
+        if r["concurrency"] == 1:
+            print(f"{r['mode']}, concurrency 1 (interleaved): the frontend adds {r['added_p50_ms']} ms p50; an "
+                  f"empty streaming endpoint on the same HTTP stack and client takes {r['floor_ttft_p50_ms']} ms")
     print(f"Written to {path}")
 
 

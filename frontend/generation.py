@@ -2,8 +2,7 @@
 serves everything else (/v1/models, /health, /metrics).
 
 This is the frontend's hot path. It skips FastAPI's routing and middleware stack and Starlette's
-StreamingResponse, which starts a task group per response; the disconnect watcher starts only after the first
-token is on the wire. benchmarks/frontend.py measures what that saves."""
+StreamingResponse, which starts a task group per response. benchmarks/frontend.py measures what that saves."""
 
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from typing import AsyncIterator, Callable
 
 import msgspec
@@ -147,6 +147,34 @@ class Chunks:
                 "created": self.created, "model": self.model, "choices": [choice], "usage": self.usage(n)}
 
 
+class DisconnectWatch:
+    """Cancels the request's task if the client disconnects before the response is complete: during the prefill
+    as well as while tokens stream, so the workers stop at once. Its `send` passes the response on and stops
+    watching at the last message (uvicorn's `receive` reports a completed response as a disconnect too)."""
+
+    def __init__(self, receive, send):
+        self._send, self.gone, self._active = send, False, True
+        task = asyncio.current_task()
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if self._active:
+                self.gone = True
+                task.cancel()
+
+        self._watcher = asyncio.create_task(watch())  # it first runs while we wait for the workers
+
+    async def send(self, message: dict) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            self.stop()
+        await self._send(message)
+
+    def stop(self) -> None:
+        self._active = False
+        self._watcher.cancel()
+
+
 class GenerationApp:
     """The ASGI app the frontend serves: the generation endpoints here, anything else to `fallback`."""
 
@@ -162,19 +190,32 @@ class GenerationApp:
         if scope["method"] != "POST":
             return await self.fail(send, ApiError(405, f"{scope['path']} takes POST", headers={"Allow": "POST"}))
         try:
-            await self.generate(model, receive, send)
+            body = await read_body(receive)
         except ClientGone:
+            return self.fe.metrics.requests.labels("499").inc()
+        except ApiError as e:
+            return await self.fail(send, e)
+        watch = DisconnectWatch(receive, send)
+        try:
+            await self.generate(model, body, watch.send)
+        except asyncio.CancelledError:
+            if not watch.gone:  # the server is shutting down
+                raise
+            if hasattr(asyncio.current_task(), "uncancel"):  # Python 3.11+: this cancellation is handled
+                asyncio.current_task().uncancel()
             self.fe.metrics.requests.labels("499").inc()
+        finally:
+            watch.stop()
 
     async def fail(self, send, err: ApiError) -> None:
         self.fe.metrics.requests.labels(str(err.status)).inc()
         await send_json(send, err.status, {"error": {"message": err.message, "type": err.type, "param": err.param,
                                                      "code": err.status}}, err.headers)
 
-    async def generate(self, model: type[Common], receive, send) -> None:
+    async def generate(self, model: type[Common], body: bytes, send) -> None:
         fe, started = self.fe, time.perf_counter()
         try:
-            req = parse(model, await read_body(receive))
+            req = parse(model, body)
             req.check_supported()
             if not fe.path_complete(req.model):
                 raise fe.missing(req.model) if req.model not in fe.live_models() else NoWorkers(
@@ -184,21 +225,24 @@ class GenerationApp:
             max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
             max_tokens = max_tokens or max(1, min(16, files.context_length - len(prompt)))
             files.check_length(len(prompt), max_tokens)
-            events = fe.events(req, prompt, files, max_tokens, started)
-            first = await events.__anext__()  # errors before the first token become HTTP errors
-        except ClientGone:
-            raise
         except Exception as e:
             return await self.fail(send, to_api_error(e))
-        chunks = Chunks(req, len(prompt))
-        fe.metrics.in_flight.inc()
+        events = fe.events(req, prompt, files, max_tokens, started)
         try:
-            if req.stream:
-                await self.stream(receive, send, self.sse(req, chunks, first, events))
-            else:
-                await self.whole(send, chunks, first, events)
+            try:
+                first = await events.__anext__()  # errors before the first token become HTTP errors
+            except Exception as e:
+                return await self.fail(send, to_api_error(e))
+            chunks = Chunks(req, len(prompt))
+            fe.metrics.in_flight.inc()
+            try:
+                if req.stream:
+                    await self.stream(send, self.sse(req, chunks, first, events))
+                else:
+                    await self.whole(send, chunks, first, events)
+            finally:
+                fe.metrics.in_flight.dec()
         finally:
-            fe.metrics.in_flight.dec()
             await events.aclose()  # stops the work on the workers if we leave early
 
     async def whole(self, send, chunks: Chunks, first: tuple, events: AsyncIterator) -> None:
@@ -227,34 +271,10 @@ class GenerationApp:
             self.fe.metrics.requests.labels("200").inc()
         yield b"data: [DONE]\n\n"
 
-    async def stream(self, receive, send, body: AsyncIterator[bytes]) -> None:
-        """Send `body` as an event stream. A client that leaves cancels it (ClientGone), which closes `body`
-        and so the request on the workers."""
+    @staticmethod
+    async def stream(send, body: AsyncIterator[bytes]) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-        streaming, watcher = asyncio.current_task(), None
-        state = {"done": False, "gone": False}
-
-        async def cancel_on_disconnect():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            if not state["done"]:
-                state["gone"] = True
-                streaming.cancel()
-
-        try:
+        async with aclosing(body):
             async for chunk in body:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if watcher is None:  # off the first-token path: a task costs a loop iteration
-                    watcher = asyncio.create_task(cancel_on_disconnect())
-            state["done"] = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not state["gone"]:
-                raise
-            if hasattr(streaming, "uncancel"):  # Python 3.11+: this cancellation is handled
-                streaming.uncancel()
-            raise ClientGone from None
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            await body.aclose()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -167,9 +167,21 @@ async def test_client_disconnect_cancels_and_frees_kv(stacks):
     assert time.monotonic() - t0 < 5 and {s.role for s in stats} == {"prefill", "decode"}
 
 
+async def worker_idle_within(etcd: str, nats: str, deployment: str, seconds: float) -> bool:
+    async with ServingClient(deployment, etcd, nats) as sc:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            stats = [await sc.stats(w) for w in sc.directory.workers.values()]
+            if stats and all(s.running == 0 and s.waiting == 0 and s.in_flight <= 1 for s in stats):
+                return True  # in_flight counts the stats request itself
+            await asyncio.sleep(0.05)
+    return False
+
+
 def test_errors_from_workers_timeout_failure_and_leaving(tmp_path, tiny_model, stacks):
-    """504 when a worker is too slow (request timeout 4 s), 502 when it dies mid-request (noticed when its 2 s
-    lease ends, before the timeout), 503 once the model has no workers."""
+    """504 when a worker is too slow (request timeout 4 s), and the work stops; a client leaving during the
+    prefill stops it too; 502 when the worker dies mid-request (noticed when its 2 s lease ends, before the
+    timeout); 503 once the model has no workers."""
     etcd, nats = stacks["agg"].etcd.url, stacks["agg"].nats.url
     port = free_port()
     fe_log = tmp_path / "frontend.log"
@@ -198,6 +210,11 @@ def test_errors_from_workers_timeout_failure_and_leaving(tmp_path, tiny_model, s
             time.sleep(0.02)
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=10)
         assert r.status_code == 504 and "did not answer in time" in r.json()["error"]["message"]
+        assert asyncio.run(worker_idle_within(etcd, nats, "edge", 2.0)), "the timed-out request kept running"
+        # A client that leaves during the 6 s prefill cancels it on the worker at once, not when it ends.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=httpx.Timeout(10, read=0.5))
+        assert asyncio.run(worker_idle_within(etcd, nats, "edge", 2.0)), "the prefill went on after the client left"
         with httpx.Client(timeout=20) as c:
             fut_t0 = time.monotonic()
             import threading
