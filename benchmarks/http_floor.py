@@ -28,4 +28,5 @@ async def app(scope, receive, send) -> None:
 
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", lifespan="off")
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", lifespan="off", loop="uvloop",
+                http="httptools", access_log=False, proxy_headers=False, server_header=False)  # as the frontend

@@ -53,7 +53,10 @@ def main(argv=None) -> None:
     app = create_app(Frontend(a.deployment, a.etcd, a.nats, a.router, a.model, a.request_timeout),
                      on_ready=lambda: print(f"HPC_FRONTEND_READY http://{shown}:{port}", flush=True))
     try:
-        uvicorn.run(app, host=a.host, port=port, log_level="warning", loop="auto", timeout_graceful_shutdown=5)
+        # uvloop and httptools; no access log, proxy-header rewriting or server header: work per request that
+        # nothing here reads.
+        uvicorn.run(app, host=a.host, port=port, log_level="warning", loop="uvloop", http="httptools",
+                    access_log=False, proxy_headers=False, server_header=False, timeout_graceful_shutdown=5)
     except SystemExit as e:
         sys.exit(e.code)
 
