@@ -89,10 +89,11 @@ def parse(model: type[Common], body: bytes) -> Common:
 
 
 async def send_json(send, status: int, body: dict, headers: dict | None = None) -> None:
-    raw = [(b"content-type", b"application/json")]
+    data = _encode(body)
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     raw += [(k.lower().encode(), str(v).encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": _encode(body)})
+    await send({"type": "http.response.body", "body": data})
 
 
 def prompt_of(req: Common, files: ModelFiles) -> list[int]:
