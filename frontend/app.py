@@ -27,7 +27,8 @@ class FrontendMetrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
         self.ttft = Histogram("hpc_frontend_ttft_seconds", "Time to first token", registry=r, buckets=BUCKETS)
-        self.itl = Histogram("hpc_frontend_itl_seconds", "Time between tokens", registry=r, buckets=BUCKETS)
+        self.itl = Histogram("hpc_frontend_itl_seconds", "Time between streamed deltas (tokens that arrived "
+                             "together are one delta)", registry=r, buckets=BUCKETS)
         self.requests = Counter("hpc_frontend_requests", "Requests by HTTP status", ["status"], registry=r)
         self.in_flight = Gauge("hpc_frontend_in_flight", "Requests being served", registry=r)
         self.queue_depth = Gauge("hpc_worker_queue_depth", "Queue depth each worker reports", ["worker"],
@@ -46,6 +47,7 @@ class Frontend:
 
     async def start(self) -> None:
         await self.client.start()
+        self.client.directory.on_change(self._forget_departed)
         await self.client.bus.subscribe(self.client.subjects.load_all(), self._on_load)
 
     async def close(self) -> None:
@@ -53,8 +55,16 @@ class Frontend:
 
     async def _on_load(self, msg) -> None:
         stats = decode_reply(msg.data)
-        self.board.report(stats)
-        self.metrics.queue_depth.labels(stats.worker_id).set(stats.waiting)
+        if any(w.worker_id == stats.worker_id for w in self.client.directory.workers.values()):
+            self.board.report(stats)
+            self.metrics.queue_depth.labels(stats.worker_id).set(stats.waiting)
+
+    def _forget_departed(self) -> None:
+        """A worker that left: its load report and its queue-depth series go with it."""
+        live = {w.worker_id for w in self.client.directory.workers.values()}
+        for worker_id in [w for w in self.board.reported if w not in live]:
+            del self.board.reported[worker_id]
+            self.metrics.queue_depth.remove(worker_id)
 
     # ---- models ------------------------------------------------------------------------------------------------
     def live_models(self) -> list[str]:

@@ -247,5 +247,11 @@ def test_workers_join_and_leave_while_serving(stacks, tiny_model, tmp_path):
     ask = lambda: c.completions.create(model=MODEL, prompt="Hello there", max_tokens=4, temperature=0)  # noqa
     first = ask().choices[0].text
     assert all(ask().choices[0].text == first for _ in range(4))  # both workers answer the same
+    depth = 'hpc_worker_queue_depth{worker="aggregated-extra"}'
+    t0 = time.monotonic()
+    while depth not in httpx.get(f"{stack.url}/metrics").text:  # load reports come every 0.25 s
+        assert time.monotonic() - t0 < 3, "no queue depth for the new worker"
+        time.sleep(0.1)
     assert extra.stop()  # SIGTERM: it leaves etcd first, then finishes what it has
     assert all(ask().choices[0].text == first for _ in range(4))
+    assert depth not in httpx.get(f"{stack.url}/metrics").text  # a departed worker's series goes

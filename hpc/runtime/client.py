@@ -158,6 +158,8 @@ class ServingClient:
                     raise ServingError(replies[error].code, f"{worker.role} worker {wid}: {replies[error].message}")
         finally:
             self.in_flight[wid] -= 1
+            if not self.in_flight[wid]:  # no entry left behind for workers that come and go
+                del self.in_flight[wid]
 
     async def stats(self, worker: WorkerInfo, timeout: float = 5.0) -> WorkerStats:
         reply = decode_reply(await self.bus.request(worker.subject, encode(StatsRequest()), timeout))
