@@ -81,6 +81,7 @@ class EngineStats:
     kv_blocks_free: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    reused_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (block reuse)
 
 
 class Engine(Protocol):

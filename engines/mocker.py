@@ -1,7 +1,9 @@
 """The mocker: no model, simulated timing, real KV bytes.
 
 Prefill takes `prefill_overhead_ms + tokens / prefill_tokens_per_s` (one prefill at a time, as on one GPU); each
-decode step takes `decode_step_ms + per-sequence + per-context` time for the whole running batch. Tokens are a
+decode step takes `decode_step_ms + per-sequence + per-context` time for the whole running batch. With block reuse
+(TensorRT-LLM's `enable_block_reuse`, on unless the engine YAML turns it off) prefill skips the leading full blocks
+a recent prompt already computed, as a real engine's prefix cache does: the timing a KV-aware router is for. Tokens are a
 deterministic function of the prompt and position, so aggregated and disaggregated runs agree. The KV pool is real
 memory: prefill writes a pattern into its blocks and a decode worker that pulls them moves real bytes through NIXL,
 so the transport is exercised at scale without GPUs."""
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -33,6 +36,7 @@ class MockerOptions:
     max_batch_size: int = 256
     max_seq_len: int = 131072
     eos_token_id: int | None = None
+    block_reuse: bool = True
 
 
 @dataclass
@@ -41,6 +45,39 @@ class _Running:
     context: int
     generated: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+def block_hashes(prompt: list[int], block_size: int) -> list[bytes]:
+    """A chained hash per full block: equal hashes mean equal prompts up to the end of that block."""
+    out, h = [], b""
+    for i in range(0, len(prompt) - block_size + 1, block_size):
+        h = hashlib.blake2b(h + repr(prompt[i:i + block_size]).encode(), digest_size=12).digest()
+        out.append(h)
+    return out
+
+
+class PrefixCache:
+    """Which prompt blocks were computed recently (LRU, as many as the KV pool has blocks)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._blocks: OrderedDict[bytes, None] = OrderedDict()
+
+    def hit_blocks(self, hashes: list[bytes]) -> int:
+        n = 0
+        for h in hashes:
+            if h not in self._blocks:
+                break
+            self._blocks.move_to_end(h)
+            n += 1
+        return n
+
+    def add(self, hashes: list[bytes]) -> None:
+        for h in hashes:
+            self._blocks[h] = None
+            self._blocks.move_to_end(h)
+        while len(self._blocks) > self.capacity:
+            self._blocks.popitem(last=False)
 
 
 def mock_token(prompt: list[int], index: int, vocab: int) -> int:
@@ -61,7 +98,8 @@ class MockerEngine:
         self._held: set[str] = set()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._prompt_tokens = self._generated_tokens = 0
+        self._prompt_tokens = self._generated_tokens = self._reused_tokens = 0
+        self._prefix = PrefixCache(o.num_blocks) if o.block_reuse else None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._prefill_lock = asyncio.Lock()
@@ -96,11 +134,17 @@ class MockerEngine:
         try:
             async with self._prefill_lock:
                 n = len(req.prompt)
-                await asyncio.sleep(self.o.prefill_overhead_ms / 1000 + n / self.o.prefill_tokens_per_s)
+                hashes = block_hashes(req.prompt, self.o.block_size) if self._prefix else []
+                # The last prompt token is always computed: its logits give the first token.
+                reused = min(self._prefix.hit_blocks(hashes) * self.o.block_size, n - 1) if self._prefix else 0
+                await asyncio.sleep(self.o.prefill_overhead_ms / 1000 + (n - reused) / self.o.prefill_tokens_per_s)
                 fill = mock_token(req.prompt, -1, 256)
                 for b in blocks:  # real bytes for the transfer to move
                     self.pool[b].fill_(fill)
+                if self._prefix:
+                    self._prefix.add(hashes)
                 self._prompt_tokens += n
+                self._reused_tokens += reused
         finally:
             self._waiting -= 1
 
@@ -184,4 +228,4 @@ class MockerEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(self._waiting, len(self._running), len(self._held), self.o.num_blocks, self._alloc.free,
-                           self._prompt_tokens, self._generated_tokens)
+                           self._prompt_tokens, self._generated_tokens, self._reused_tokens)

@@ -160,3 +160,35 @@ def test_layout_mismatch_names_the_fields():
     b = KvLayout("float32", 32, 32, 8, 128, 2 << 20)
     msg = a.mismatch(b)
     assert "dtype: bfloat16 here, float32 in the KV handle" in msg and "block_size: 16 here, 32" in msg
+
+
+async def test_mocker_block_reuse_skips_cached_prefix_blocks():
+    """A prompt that shares whole leading blocks with a recent one prefills only the rest (TensorRT-LLM's block
+    reuse); with reuse off, every prompt pays in full."""
+    import time
+
+    from engines.mocker import MockerEngine, MockerOptions
+
+    async def prefill_seconds(engine, rid, prompt):
+        t0 = time.perf_counter()
+        out = await engine.prefill(EngineRequest(rid, prompt, SamplingParams(max_tokens=4)))
+        engine.release(rid)
+        assert out.first_token >= 0
+        return time.perf_counter() - t0
+
+    shared = list(range(1, 497))  # 31 blocks of 16
+    for reuse in (True, False):
+        engine = MockerEngine(MockerOptions(prefill_tokens_per_s=2000, prefill_overhead_ms=0, block_reuse=reuse))
+        engine.start(asyncio.get_running_loop())
+        try:
+            cold = await prefill_seconds(engine, "a", shared + [7] * 16)
+            warm = await prefill_seconds(engine, "b", shared + [9] * 16)
+            other = await prefill_seconds(engine, "c", [5] + shared[1:] + [9] * 16)  # differs in block 0
+        finally:
+            engine.shutdown()
+        stats = engine.stats()
+        assert stats.prompt_tokens == 3 * 512
+        if reuse:
+            assert stats.reused_prompt_tokens == 496 and warm < cold / 5 and other > cold / 2
+        else:
+            assert stats.reused_prompt_tokens == 0 and warm > cold / 2

@@ -21,7 +21,8 @@ def build_engine(name: str, model_path: str, cfg: EngineConfig, random_weights: 
         t = cfg.mocker
         timing = t.model_dump() if t is not None else {}
         return MockerEngine(MockerOptions(**timing, block_size=cfg.kv_cache_config.tokens_per_block,
-                                          num_blocks=cfg.num_kv_blocks or 4096, max_batch_size=cfg.max_batch_size))
+                                          num_blocks=cfg.num_kv_blocks or 4096, max_batch_size=cfg.max_batch_size,
+                                          block_reuse=cfg.kv_cache_config.enable_block_reuse is not False))
     if name == "trtllm":
         raise HpcError("engine trtllm: TensorRT-LLM is not installed in this environment (it runs in NVIDIA's "
                        "TensorRT-LLM container; `pip install hpc[trtllm]` there)")

@@ -163,6 +163,7 @@ class Worker:
                 self.metrics.queue_depth.set(stats.waiting)
                 self.metrics.running.set(stats.running)
                 self.metrics.kv_blocks_free.set(stats.kv_blocks_free)
+                self.metrics.count_prompt_tokens(stats.prompt_tokens, stats.reused_prompt_tokens)
                 await self.bus.publish(self.subjects.load(self.o.worker_id), encode(stats))
 
     async def on_cancel(self, msg) -> None:
@@ -273,7 +274,8 @@ class Worker:
         t = self.transfer
         return WorkerStats(self.o.worker_id, self.o.role, s.waiting, s.running, s.held, s.kv_blocks_total,
                            s.kv_blocks_free, len(self.tasks), t.transfers if t else 0,
-                           t.bytes_moved if t else 0, t.seconds if t else 0.0)
+                           t.bytes_moved if t else 0, t.seconds if t else 0.0, s.prompt_tokens,
+                           s.reused_prompt_tokens)
 
 
 class _Reply(Exception):

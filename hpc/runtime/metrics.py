@@ -26,8 +26,18 @@ class WorkerMetrics:
                                     buckets=LATENCY_BUCKETS)
         self.kv_gbps = Gauge("hpc_kv_transfer_gbps", "GB/s of the last KV transfer", ["path"], registry=r)
         self.tokens = Counter("hpc_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("hpc_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.reused_prompt_tokens = Counter("hpc_prompt_tokens_reused", "Prompt tokens whose KV the prefix cache "
+                                            "held (block reuse)", registry=r)
+        self._counted = (0, 0)
         self.info = Gauge("hpc_worker_info", "Worker identity", list(labels), registry=r)
         self.info.labels(**labels).set(1)
+
+    def count_prompt_tokens(self, total: int, reused: int) -> None:
+        """The engine keeps running totals; the counters take what is new since the last call."""
+        self.prompt_tokens.inc(total - self._counted[0])
+        self.reused_prompt_tokens.inc(reused - self._counted[1])
+        self._counted = (total, reused)
 
     def serve(self, host: str = "0.0.0.0", port: int = 0) -> int:
         port = port or free_port()

@@ -110,6 +110,8 @@ class WorkerStats(msgspec.Struct, frozen=True, tag="worker_stats"):
     kv_transfers: int = 0
     kv_bytes: int = 0
     kv_seconds: float = 0.0
+    prompt_tokens: int = 0
+    reused_prompt_tokens: int = 0  # of those, tokens whose KV the prefix cache held (block reuse)
 
 
 Request = Union[GenerateRequest, StatsRequest]
