@@ -5,6 +5,14 @@ set -uo pipefail
 mkdir -p /tmp/site && tar xzf .carry/site.tgz -C /tmp/site
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+serve_setup() {  # the serving stack (wheels) and the etcd and NATS binaries, from .carry/serve (see README)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .carry/serve/*.whl
+  mkdir -p /tmp/bin
+  for b in etcd nats-server; do gunzip -c ".carry/serve/$b.gz" > "/tmp/bin/$b" && chmod +x "/tmp/bin/$b"; done
+}
+export PATH=/tmp/bin:$PATH
 for what in "$@"; do
   case "$what" in
     prefill) python3 benchmarks/prefill.py ;;
@@ -12,5 +20,7 @@ for what in "$@"; do
     kv-small) python3 benchmarks/kv_transfer.py --tokens 1024 --layers 2 --repeats 2 ;;
     nixl-probe) python3 benchmarks/nixl_probe.py ;;
     ucx-check) bash benchmarks/ucx_check.sh ;;
+    frontend) serve_setup; python3 benchmarks/frontend.py --requests 300 ;;
+    serve) serve_setup; python3 benchmarks/serve_gpu.py ;;
   esac
 done

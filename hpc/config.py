@@ -111,6 +111,9 @@ class ModelSpec(Strict):
     tokenizer: str | None = None
     modality: Modality = Modality.text
     max_context: int | None = Field(None, ge=1)
+    # Benchmarks of a real shape without its weights (vLLM's `--load-format dummy`): the torch engine builds
+    # random weights from config.json; the directory still needs tokenizer.json for the frontend.
+    random_weights: bool = False
 
     @property
     def name(self) -> str:

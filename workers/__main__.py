@@ -62,7 +62,7 @@ def parse(argv=None) -> WorkerOptions:
         transfer_timeout=a.transfer_timeout or (dep.transfer.timeout_s if dep else 30.0),
         release_after=a.release_after or (dep.transfer.release_after_s if dep else 60.0),
         drain_timeout=a.drain_timeout, intra_node=a.intra_node or (dep.transfer.intra_node if dep else "auto"),
-        random_weights=a.random_weights)
+        random_weights=a.random_weights or bool(dep and dep.model.random_weights))
 
 
 def mpi_rank() -> tuple[int, int]:

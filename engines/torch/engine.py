@@ -21,7 +21,7 @@ from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStat
                           PrefillOutput, TokenOutput, blocks_for, stream_until_finished)
 from engines.sampling import sample
 from engines.torch.loader import load_model, random_model, read_config, resolve_dtype
-from engines.torch.model import LlamaForCausalLM, SeqBatch
+from engines.torch.model import DecodeBatch, LlamaForCausalLM, SeqBatch
 
 log = logging.getLogger(__name__)
 
@@ -288,13 +288,29 @@ class TorchEngine:
         ids, positions, seqs, logit_rows = step
         dev, bs = self.device, self.options.block_size
         batches = [SeqBatch(start, n, ctx, torch.tensor(blocks, dtype=torch.long, device=dev))
-                   for start, n, ctx, blocks in seqs]
+                   for start, n, ctx, blocks in seqs if not (n == 1 and ctx > 0)]
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         # The block each new token's KV goes to, worked out here: one transfer instead of device ops per sequence.
         slots = [blocks[p // bs] for _, n, ctx, blocks in seqs for p in range(ctx, ctx + n)]
         block_index = torch.tensor(slots, dtype=torch.long, device=dev)
         return self.model(torch.tensor(ids, dtype=torch.long, device=dev), pos, batches, self.pool, block_index,
-                          pos % bs, torch.tensor(logit_rows, dtype=torch.long, device=dev))
+                          pos % bs, torch.tensor(logit_rows, dtype=torch.long, device=dev),
+                          self._decode_batch([(start, ctx, blocks) for start, n, ctx, blocks in seqs
+                                              if n == 1 and ctx > 0]))
+
+    def _decode_batch(self, decoding: list[tuple[int, int, list[int]]]) -> DecodeBatch | None:
+        """(packed row, context before the new token, block ids) of each decoding sequence, as one padded table:
+        built on the host and moved in one transfer each."""
+        if not decoding:
+            return None
+        dev, bs = self.device, self.options.block_size
+        tables = [blocks[:blocks_for(ctx + 1, bs)] for _, ctx, blocks in decoding]
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)
+        lengths = torch.tensor([ctx + 1 for _, ctx, _ in decoding], dtype=torch.long, device=dev)
+        mask = (torch.arange(width * bs, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
+        rows = torch.tensor([row for row, _, _ in decoding], dtype=torch.long, device=dev)
+        return DecodeBatch(rows, table, mask)
 
     def follow(self) -> None:
         """Ranks > 0: run every pass rank 0 broadcasts, until it broadcasts None or the process is stopped."""

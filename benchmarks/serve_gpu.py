@@ -1,0 +1,94 @@
+"""The whole serving path on one GPU: `hpc serve` of a Llama-3-8B-shaped model (random bf16 weights), aggregated
+and disaggregated, measured with `hpc bench`'s load generator.
+
+    python benchmarks/serve_gpu.py [--isl 2000] [--osl 100] [--concurrency 1,4,16] [--requests 16]
+
+Disaggregated: a prefill and a decode worker on the same GPU, the KV cache moved by NIXL (VRAM to VRAM through
+UCX's CUDA IPC). Aggregated: one worker. Etcd, NATS and the frontend run as `hpc serve` runs them. Prints a table
+and writes benchmarks/results/serve_gpu.json (or $OUT/serve_gpu.json)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import LLAMA3_8B, table, write_result  # noqa: E402
+from hpc import bench  # noqa: E402
+from hpc.config import load_deployment  # noqa: E402
+from hpc.serve import LocalDeployment  # noqa: E402
+
+ENGINE = ("device: cuda\ndtype: bfloat16\nmax_num_tokens: 8192\nmax_batch_size: 64\nenable_chunked_prefill: true\n"
+          "kv_cache_config: {tokens_per_block: 16}\nnum_kv_blocks: 4096\n")  # 4096 blocks of 2 MiB: 8 GiB, 64k tokens
+
+
+def model_dir(d: Path) -> Path:
+    """config.json of the real shape, and a word-level tokenizer over its whole vocabulary (so that every token
+    id decodes to text), for the frontend."""
+    from tokenizers import Tokenizer, models
+
+    m = d / "llama-3-8b-shape"
+    m.mkdir(parents=True)
+    (m / "config.json").write_text(json.dumps({**LLAMA3_8B, "max_position_embeddings": 8192}))
+    vocab = {f" w{i}": i for i in range(LLAMA3_8B["vocab_size"])}
+    Tokenizer(models.WordLevel(vocab, unk_token=" w0")).save(str(m / "tokenizer.json"))
+    (m / "tokenizer_config.json").write_text("{}")
+    return m
+
+
+def deployment(d: Path, model: Path, mode: str) -> Path:
+    workers = ("  aggregated: {engine: torch, engine_config: gpu.yaml}\n" if mode == "aggregated" else
+               "  prefill: {engine: torch, engine_config: gpu.yaml}\n  decode: {engine: torch, engine_config: gpu.yaml}\n")
+    p = d / f"gpu-{mode}.yaml"
+    p.write_text(f"name: gpu-{mode}\nmodel: {{path: {model}, served_name: llama-3-8b-shape, random_weights: true}}\n"
+                 f"cluster: {{gpus_per_node: 8}}\nworkers:\n{workers}")
+    return p
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--isl", type=int, default=2000)
+    p.add_argument("--osl", type=int, default=100)
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--requests", type=int, default=16, help="per level; at least 4 x concurrency")
+    p.add_argument("--modes", default="disaggregated,aggregated")
+    a = p.parse_args()
+    d = Path(tempfile.mkdtemp(prefix="hpc-serve-gpu-"))
+    model = model_dir(d)
+    (d / "gpu.yaml").write_text(ENGINE)
+    rows = []
+    for mode in a.modes.split(","):
+        local = LocalDeployment(load_deployment(deployment(d, model, mode)), d / mode)
+        local.start(on_ready=lambda c: print(f"  ready: {c.name} after {c.ready_after:.1f} s", flush=True),
+                    timeout=600)
+        try:
+            for c in [int(x) for x in a.concurrency.split(",")]:
+                prompts = bench.make_prompts(max(a.requests, 4 * c), a.isl, 10, LLAMA3_8B["vocab_size"], seed=c)
+                asyncio.run(bench.level(local.url, "llama-3-8b-shape", prompts[:c], a.osl, c, 300))  # warm-up
+                results, wall = asyncio.run(bench.level(local.url, "llama-3-8b-shape", prompts, a.osl, c, 300))
+                r = bench.summarize(c, results, wall)
+                rows.append({"mode": mode, **{k: r[k] for k in ("concurrency", "requests", "errors", "ttft_p50_ms",
+                                                               "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
+                                                               "e2e_p50_ms", "output_tok_s", "req_s")}})
+                if "first_error" in r:
+                    rows[-1]["first_error"] = r["first_error"]
+                print(rows[-1], flush=True)
+        finally:
+            stuck = local.stop()
+            if stuck:
+                print(f"could not stop: {stuck}", flush=True)
+    path = write_result("serve_gpu", rows, {"isl": a.isl, "osl": a.osl, "model": "Llama-3-8B shape, random bf16",
+                                            "cpu_cores": os.cpu_count()})
+    print(table(rows, ["mode", "concurrency", "errors", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
+                       "e2e_p50_ms", "output_tok_s", "req_s"]))
+    print(f"Written to {path}")
+
+
+if __name__ == "__main__":
+    main()
