@@ -109,3 +109,17 @@ def test_cli_validate_prints_problems_without_traceback(tmp_path):
     assert out.returncode == 1
     assert "OK" in out.stdout and "tiny-agg.yaml" in out.stdout
     assert "workers.prefill.engine" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_random_weights_reach_the_workers(tmp_path):
+    """`model.random_weights` (benchmarks of a real shape without its weights) is read by every worker."""
+    from workers.__main__ import parse
+
+    (tmp_path / "e.yaml").write_text("device: cpu\n")
+    dep = tmp_path / "d.yaml"
+    dep.write_text("name: d\nmodel: {path: /models/m, random_weights: true}\ncluster: {gpus_per_node: 0}\n"
+                   "workers:\n  aggregated: {engine: torch, engine_config: e.yaml}\n")
+    args = ["--config", str(dep), "--role", "aggregated", "--etcd", "http://e:1", "--nats", "nats://n:1"]
+    assert parse(args).random_weights
+    dep.write_text(dep.read_text().replace(", random_weights: true", ""))
+    assert not parse(args).random_weights

@@ -192,3 +192,29 @@ async def test_mocker_block_reuse_skips_cached_prefix_blocks():
             assert stats.reused_prompt_tokens == 496 and warm < cold / 5 and other > cold / 2
         else:
             assert stats.reused_prompt_tokens == 0 and warm > cold / 2
+
+
+def test_batched_decode_attention_equals_per_sequence(model_dir):
+    """The decode path (every decoding sequence in one gather and one attention call per layer, contexts padded
+    and masked) gives the logits of attending to each sequence alone."""
+    from engines.torch.model import DecodeBatch
+
+    model = load_model(model_dir, torch.device("cpu"), "float32")
+    bs, pool = 16, torch.zeros((16,) + model.kv_block_shape(16))
+    g = torch.Generator().manual_seed(5)
+    seqs = [(torch.randint(2, 500, (n,), generator=g), torch.tensor(blocks)) for n, blocks in
+            ((20, [3, 9]), (47, [1, 12, 4]), (5, [7]))]
+    for ids, table in seqs:  # prefill all but the last token of each into the pool
+        pos = torch.arange(len(ids) - 1)
+        model(ids[:-1], pos, [SeqBatch(0, len(pos), 0, table)], pool, table[pos // bs], pos % bs, pos[-1:])
+    last = torch.stack([ids[-1] for ids, _ in seqs])
+    pos = torch.tensor([len(ids) - 1 for ids, _ in seqs])
+    slots = torch.stack([table[p // bs] for (_, table), p in zip(seqs, pos)])
+    alone = torch.cat([model(last[i:i + 1], pos[i:i + 1], [SeqBatch(0, 1, int(pos[i]), seqs[i][1])], pool.clone(),
+                             slots[i:i + 1], pos[i:i + 1] % bs, torch.arange(1)) for i in range(3)])
+    width = max(len(t) for _, t in seqs)
+    table = torch.stack([torch.cat([t, t.new_zeros(width - len(t))]) for _, t in seqs])
+    mask = (torch.arange(width * bs)[None, :] < (pos + 1)[:, None])[:, None, None, :]
+    together = model(last, pos, [], pool.clone(), slots, pos % bs, torch.arange(3),
+                     DecodeBatch(torch.arange(3), table, mask))
+    assert torch.allclose(together, alone, atol=1e-5)
