@@ -22,5 +22,6 @@ for what in "$@"; do
     ucx-check) bash benchmarks/ucx_check.sh ;;
     frontend) serve_setup; python3 benchmarks/frontend.py --requests 300 ;;
     serve) serve_setup; python3 benchmarks/serve_gpu.py ;;
+    router) serve_setup; python3 benchmarks/router.py ;;
   esac
 done

@@ -44,7 +44,7 @@ class Bus:
         self.nc = nc
         self._tasks: set[asyncio.Task] = set()
         self._subs = []
-        self._mux_prefix: str | None = None
+        self._mux_prefix = ""  # the replies inbox, opened by connect()
         self._streams: dict[str, asyncio.Queue] = {}
         self._counter = itertools.count()
 
@@ -57,7 +57,9 @@ class Bus:
                 timeout + 1)
         except (OSError, asyncio.TimeoutError, nats.errors.NoServersError) as e:
             raise HpcError(f"cannot reach NATS at {url}: {str(e) or type(e).__name__}") from None
-        return cls(nc)
+        bus = cls(nc)
+        await bus._open_replies_inbox()
+        return bus
 
     async def serve(self, subject: str, handler: Callable[[bytes, Reply], Awaitable[None]]) -> None:
         """Run `handler(payload, reply)` in its own task for each message; `reply` may be called many times."""
@@ -108,26 +110,25 @@ class Bus:
                 return batch[0]
         raise RequestTimeout(f"no reply on {subject}")
 
-    async def _replies_inbox(self) -> str:
-        """One wildcard inbox for every stream of this connection: no SUB/UNSUB per request."""
-        if self._mux_prefix is None:
-            prefix = self.nc.new_inbox()
+    async def _open_replies_inbox(self) -> None:
+        """One wildcard inbox for every stream of this connection: no SUB/UNSUB per request. Opened with the
+        connection, so concurrent first requests cannot each open one."""
+        prefix = self.nc.new_inbox()
 
-            async def route(msg) -> None:
-                queue = self._streams.get(msg.subject[len(prefix) + 1:])
-                if queue is not None:
-                    queue.put_nowait(msg)
+        async def route(msg) -> None:
+            queue = self._streams.get(msg.subject[len(prefix) + 1:])
+            if queue is not None:
+                queue.put_nowait(msg)
 
-            self._subs_mux = await self.nc.subscribe(f"{prefix}.*", cb=route)
-            self._mux_prefix = prefix
-        return self._mux_prefix
+        await self.nc.subscribe(f"{prefix}.*", cb=route)
+        self._mux_prefix = prefix
 
     async def stream(self, subject: str, data: bytes, first_timeout: float, idle_timeout: float,
                      gone: asyncio.Future | None = None) -> AsyncIterator[list[bytes]]:
         """Send `data` and yield its replies until the consumer stops: each time, every reply that has arrived,
         oldest first (a consumer that falls behind catches up in one step). The first reply must come within
         `first_timeout`, each next one within `idle_timeout`; `gone` done means the peer left: fail at once."""
-        prefix = await self._replies_inbox()
+        prefix = self._mux_prefix
         token = f"{next(self._counter):x}"
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[token] = queue
