@@ -123,10 +123,12 @@ def summarize(concurrency: int, results: list[Result], wall: float) -> dict:
     ok = [r for r in results if r.error is None]
     ms = lambda xs, p: round(1000 * percentile(xs, p), 2)  # noqa: E731
     ttft, e2e = [r.ttft for r in ok], [r.e2e for r in ok]
-    itl = [x for r in ok for x in r.itl]
+    itl = [x for r in ok for x in r.itl]  # between streamed chunks; a chunk may carry several tokens
+    # Time per output token after the first, per request: what vLLM and SGLang report as TPOT.
+    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     row = {"concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
            "output_tok_s": round(sum(r.output_tokens for r in ok) / wall, 1), "req_s": round(len(ok) / wall, 2)}
-    for name, xs in (("ttft", ttft), ("itl", itl), ("e2e", e2e)):
+    for name, xs in (("ttft", ttft), ("itl", itl), ("tpot", tpot), ("e2e", e2e)):
         for p in (50, 90, 99):
             row[f"{name}_p{p}_ms"] = ms(xs, p)
     if len(ok) < len(results):

@@ -137,7 +137,8 @@ def test_hpc_bench_against_the_frontend(stacks, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [row["concurrency"] for row in rows] == [1, 3]
-    assert all(row["errors"] == 0 and row["ttft_p50_ms"] > 0 and row["output_tok_s"] > 0 for row in rows)
+    assert all(row["errors"] == 0 and row["ttft_p50_ms"] > 0 and row["tpot_p50_ms"] > 0 and row["output_tok_s"] > 0
+               for row in rows)
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 

@@ -85,13 +85,13 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
             results, wall = asyncio.run(b.level(url, name, b.make_prompts(n, isl, first, vocab, seed=c), osl, c,
                                                 timeout, lambda: progress.advance(task)))
             rows.append(b.summarize(c, results, wall))
-    table = Table("conc", "req", "err", "TTFT p50/p90/p99 ms", "ITL p50/p99 ms", "E2E p50/p99 ms", "out tok/s",
-                  "req/s", title=f"{name}  isl={isl} osl={osl}")
+    table = Table("conc", "req", "err", "TTFT p50/p90/p99 ms", "TPOT p50/p99 ms", "ITL p50/p99 ms",
+                  "E2E p50/p99 ms", "out tok/s", "req/s", title=f"{name}  isl={isl} osl={osl}")
     for r in rows:
         table.add_row(str(r["concurrency"]), str(r["requests"]), str(r["errors"]),
                       f"{r['ttft_p50_ms']}/{r['ttft_p90_ms']}/{r['ttft_p99_ms']}",
-                      f"{r['itl_p50_ms']}/{r['itl_p99_ms']}", f"{r['e2e_p50_ms']}/{r['e2e_p99_ms']}",
-                      str(r["output_tok_s"]), str(r["req_s"]))
+                      f"{r['tpot_p50_ms']}/{r['tpot_p99_ms']}", f"{r['itl_p50_ms']}/{r['itl_p99_ms']}",
+                      f"{r['e2e_p50_ms']}/{r['e2e_p99_ms']}", str(r["output_tok_s"]), str(r["req_s"]))
     console.print(table)
     out.write_text(json.dumps({"url": url, "model": name, "isl": isl, "osl": osl, "rows": rows}, indent=2))
     console.print(f"results: {out}")
