@@ -20,6 +20,7 @@ import torch
 
 from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStats, KvLayout, PrefillOutput,
                           TokenOutput, blocks_for, stream_until_finished)
+from engines.prefix_cache import block_hashes
 
 
 @dataclass
@@ -47,17 +48,9 @@ class _Running:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
-def block_hashes(prompt: list[int], block_size: int) -> list[bytes]:
-    """A chained hash per full block: equal hashes mean equal prompts up to the end of that block."""
-    out, h = [], b""
-    for i in range(0, len(prompt) - block_size + 1, block_size):
-        h = hashlib.blake2b(h + repr(prompt[i:i + block_size]).encode(), digest_size=12).digest()
-        out.append(h)
-    return out
-
-
 class PrefixCache:
-    """Which prompt blocks were computed recently (LRU, as many as the KV pool has blocks)."""
+    """Which prompt blocks were computed recently (LRU, as many as the KV pool has blocks): the timing model of
+    engines/prefix_cache.py, without sharing real blocks."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity

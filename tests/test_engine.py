@@ -218,3 +218,53 @@ def test_batched_decode_attention_equals_per_sequence(model_dir):
     together = model(last, pos, [], pool.clone(), slots, pos % bs, torch.arange(3),
                      DecodeBatch(torch.arange(3), table, mask))
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_caching_allocator_shares_caches_and_evicts_oldest():
+    from engines.prefix_cache import CachingBlockAllocator, block_hashes
+
+    a = CachingBlockAllocator(6)
+    h = block_hashes(list(range(48)), 16)  # three full blocks
+    blocks, cached = a.admit("r1", h, 4)
+    assert cached == 0 and a.free == 2
+    for b, bh in zip(blocks, h):
+        a.register(b, bh)
+    shared, cached = a.admit("r2", h[:2], 3)  # a second request with the same first two blocks
+    assert cached == 2 and shared[:2] == blocks[:2] and a.free == 1
+    a.free_owner("r1")
+    assert a.free == 3  # r1's own blocks: one cached, one free; the two shared ones still held by r2
+    a.free_owner("r2")
+    assert a.free == 6
+    again, cached = a.admit("r3", h, 3)  # all three still cached
+    assert cached == 3 and again == blocks[:3]
+    a.free_owner("r3")
+    a.allocate("big", 6)  # takes the free blocks, then evicts the cached ones
+    assert a.admit("r4", h, 1) is None  # nothing left, nothing cached
+    a.free_owner("big")
+    assert a.admit("r4", h, 1) == ([a.owned("r4")[0]], 0)
+
+
+async def test_prefix_caching_reuses_blocks_and_changes_no_token(model_dir):
+    """Prompts that share a long prefix: the later ones compute only their own part, and every answer equals the
+    answer without prefix caching; afterwards every block is free or cached (free)."""
+    g = torch.Generator().manual_seed(7)
+    shared = torch.randint(2, 500, (70,), generator=g).tolist()
+    prompts = [shared + torch.randint(2, 500, (n,), generator=g).tolist() for n in (3, 17, 40)] + [shared[:33]]
+    sp = SamplingParams(max_tokens=5, ignore_eos=True)
+    answers = {}
+    for reuse in (False, True):
+        engine = TorchEngine(model_dir, TorchEngineOptions(device="cpu", num_blocks=64, enable_block_reuse=reuse))
+        engine.start(asyncio.get_running_loop())
+        try:
+            answers[reuse] = [await collect(engine.generate(EngineRequest(f"r{i}", p, sp)))
+                              for i, p in enumerate(prompts)]
+            out = await engine.prefill(EngineRequest("p", prompts[2], sp))  # a prefill worker's view: the
+            assert len(out.block_ids) == 7  # shared blocks are part of the KV it hands over
+            engine.release("p")
+            stats = engine.stats()
+        finally:
+            engine.shutdown()
+        assert stats.kv_blocks_free == 64
+        # 4 full shared blocks (64 tokens) for the 2nd and 3rd prompt, 2 for the 4th, 6 for the repeated prefill
+        assert stats.reused_prompt_tokens == (16 * (4 + 4 + 2 + 6) if reuse else 0)
+    assert answers[True] == answers[False]

@@ -63,6 +63,9 @@ async def test_disaggregated_equals_aggregated_and_concurrency(stack):
                 return await tokens(dis, p)
 
         assert await asyncio.gather(*(bounded(p) for p in ps)) == aggregated
+        # The second time, the prefill worker found these prompts' blocks in its prefix cache and handed them over.
+        prefill = [await dis.stats(w) for w in dis.directory.by_role("prefill", MODEL)]
+        assert sum(s.reused_prompt_tokens for s in prefill) > 0
         seeded = Sampling(max_tokens=8, temperature=0.8, top_p=0.9, top_k=50, seed=123, ignore_eos=True)
         assert await tokens(dis, ps[3], seeded) == await tokens(agg, ps[3], seeded)
         await assert_all_blocks_free(dis)

@@ -14,7 +14,8 @@ def build_engine(name: str, model_path: str, cfg: EngineConfig, random_weights: 
             device=cfg.device, dtype=cfg.dtype, block_size=cfg.kv_cache_config.tokens_per_block,
             num_blocks=cfg.num_kv_blocks, free_gpu_memory_fraction=cfg.kv_cache_config.free_gpu_memory_fraction or 0.5,
             max_num_tokens=cfg.max_num_tokens, max_batch_size=cfg.max_batch_size,
-            enable_chunked_prefill=cfg.enable_chunked_prefill, random_weights=random_weights), tp=tp)
+            enable_chunked_prefill=cfg.enable_chunked_prefill, random_weights=random_weights,
+            enable_block_reuse=cfg.kv_cache_config.enable_block_reuse is not False), tp=tp)
     if name == "mocker":
         from engines.mocker import MockerEngine, MockerOptions
 

@@ -21,6 +21,7 @@ from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStat
                           PrefillOutput, TokenOutput, blocks_for, stream_until_finished)
 from engines.sampling import sample
 from engines.torch.loader import load_model, random_model, read_config, resolve_dtype
+from engines.prefix_cache import CachingBlockAllocator, block_hashes, next_hash
 from engines.torch.model import DecodeBatch, LlamaForCausalLM, SeqBatch
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class TorchEngineOptions:
     enable_chunked_prefill: bool = True
     random_weights: bool = False  # ignore safetensors; random weights from config.json (benchmarks)
     seed: int = 0
+    enable_block_reuse: bool = True  # prefix caching (engines/prefix_cache.py)
 
 
 @dataclass
@@ -51,6 +53,8 @@ class _Seq:
     num_computed: int = 0
     generated: int = 0
     blocks: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)  # of its full blocks of tokens, as far as known
+    registered: int = 0  # its first blocks that the prefix cache knows
 
     @property
     def id(self) -> str:
@@ -91,7 +95,7 @@ class TorchEngine:
         self.eos = set(cfg.eos_token_ids)
         self.max_seq_len = cfg.max_position_embeddings
         self.vocab_size = cfg.vocab_size
-        self._alloc = BlockAllocator(self.num_blocks)
+        self._alloc = (CachingBlockAllocator if o.enable_block_reuse else BlockAllocator)(self.num_blocks)
         self._lock = threading.Lock()  # guards the allocator and `held`: decode workers allocate from the loop
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[_Seq] = deque()
@@ -100,7 +104,7 @@ class TorchEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._prompt_tokens = 0
+        self._prompt_tokens = self._reused_tokens = 0
         self._generated_tokens = 0
 
     def _default_num_blocks(self, block_bytes: int) -> int:
@@ -183,7 +187,7 @@ class TorchEngine:
     def stats(self) -> EngineStats:
         with self._lock:
             return EngineStats(len(self._waiting), len(self._running), len(self._held), self.num_blocks,
-                               self._alloc.free, self._prompt_tokens, self._generated_tokens)
+                               self._alloc.free, self._prompt_tokens, self._generated_tokens, self._reused_tokens)
 
     # ---- the engine thread -------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -245,12 +249,8 @@ class TorchEngine:
         for seq in list(self._waiting):
             if len(batch) >= o.max_batch_size or budget <= 0:
                 break
-            if not seq.blocks:
-                need = blocks_for(seq.reserve_tokens, o.block_size)
-                with self._lock:
-                    if not self._alloc.can_allocate(need):
-                        break  # admitted in order: wait until running requests free their blocks
-                    seq.blocks = self._alloc.allocate(seq.id, need)
+            if not seq.blocks and not self._admit(seq):
+                break  # admitted in order: wait until running requests free their blocks
             remaining = len(seq.tokens) - seq.num_computed
             n = min(remaining, budget) if o.enable_chunked_prefill else (
                 remaining if remaining <= budget or not batch else 0)
@@ -259,6 +259,39 @@ class TorchEngine:
             batch.append((seq, n))
             budget -= n
         return batch
+
+    def _admit(self, seq: _Seq) -> bool:
+        """Blocks for a new request. With prefix caching, its leading full prompt blocks that are cached are shared
+        and not computed again; never the block of the last prompt token, whose logits give the first token."""
+        bs = self.options.block_size
+        need = blocks_for(seq.reserve_tokens, bs)
+        with self._lock:
+            if not isinstance(self._alloc, CachingBlockAllocator):
+                if not self._alloc.can_allocate(need):
+                    return False
+                seq.blocks = self._alloc.allocate(seq.id, need)
+                return True
+            seq.hashes = block_hashes(seq.tokens[: (seq.num_prompt - 1) // bs * bs], bs)
+            admitted = self._alloc.admit(seq.id, seq.hashes, need)
+        if admitted is None:
+            return False
+        seq.blocks, cached = admitted
+        seq.num_computed, seq.registered = cached * bs, cached
+        self._prompt_tokens += cached * bs
+        self._reused_tokens += cached * bs
+        return True
+
+    def _register_full_blocks(self, seq: _Seq) -> None:
+        """Make the blocks this step filled known to the prefix cache."""
+        bs = self.options.block_size
+        full = min(seq.num_computed, len(seq.tokens)) // bs
+        while len(seq.hashes) < full:
+            i = len(seq.hashes)
+            seq.hashes.append(next_hash(seq.hashes[-1] if seq.hashes else b"", seq.tokens[i * bs:(i + 1) * bs]))
+        with self._lock:
+            for i in range(seq.registered, full):
+                self._alloc.register(seq.blocks[i], seq.hashes[i])
+        seq.registered = max(seq.registered, full)
 
     def _step(self, batch: list[tuple[_Seq, int]]) -> None:
         ids, positions, seqs, logit_rows, to_sample = [], [], [], [], []
@@ -279,6 +312,8 @@ class TorchEngine:
             seq.num_computed += n
             if seq.mode != "decode" and seq.num_computed <= seq.num_prompt:
                 self._prompt_tokens += n
+            if seq.mode != "decode" and isinstance(self._alloc, CachingBlockAllocator):
+                self._register_full_blocks(seq)
         logits = logits.cpu()
         for row, seq in zip(logits, to_sample):
             self._emit(seq, sample(row, seq.req.sampling, seq.generated))
