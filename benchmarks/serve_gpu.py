@@ -4,8 +4,9 @@ and disaggregated, measured with `hpc bench`'s load generator.
     python benchmarks/serve_gpu.py [--isl 2000] [--osl 100] [--concurrency 1,4,16] [--requests 16]
 
 Disaggregated: a prefill and a decode worker on the same GPU, the KV cache moved by NIXL (VRAM to VRAM through
-UCX's CUDA IPC). Aggregated: one worker. Etcd, NATS and the frontend run as `hpc serve` runs them. Prints a table
-and writes benchmarks/results/serve_gpu.json (or $OUT/serve_gpu.json)."""
+UCX's CUDA IPC). Aggregated: one worker. Etcd, NATS and the frontend run as `hpc serve` runs them. Each mode ends
+with requests that share all but their last 16 prompt tokens, at concurrency 1: what prefix caching saves. Prints
+a table and writes benchmarks/results/serve_gpu.json (or $OUT/serve_gpu.json)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,18 @@ def deployment(d: Path, model: Path, mode: str) -> Path:
     return p
 
 
+def measure(local: LocalDeployment, mode: str, c: int, prompts: list[list[int]], osl: int) -> dict:
+    results, wall = asyncio.run(bench.level(local.url, "llama-3-8b-shape", prompts, osl, c, 300))
+    r = bench.summarize(c, results, wall)
+    row = {"mode": mode, **{k: r[k] for k in ("concurrency", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms",
+                                              "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms", "e2e_p50_ms",
+                                              "output_tok_s", "req_s")}}
+    if "first_error" in r:
+        row["first_error"] = r["first_error"]
+    print(row, flush=True)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--isl", type=int, default=2000)
@@ -70,15 +83,13 @@ def main() -> None:
         try:
             for c in [int(x) for x in a.concurrency.split(",")]:
                 prompts = bench.make_prompts(max(a.requests, 4 * c), a.isl, 10, LLAMA3_8B["vocab_size"], seed=c)
-                asyncio.run(bench.level(local.url, "llama-3-8b-shape", prompts[:c], a.osl, c, 300))  # warm-up
-                results, wall = asyncio.run(bench.level(local.url, "llama-3-8b-shape", prompts, a.osl, c, 300))
-                r = bench.summarize(c, results, wall)
-                rows.append({"mode": mode, **{k: r[k] for k in ("concurrency", "requests", "errors", "ttft_p50_ms",
-                                                               "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
-                                                               "e2e_p50_ms", "output_tok_s", "req_s")}})
-                if "first_error" in r:
-                    rows[-1]["first_error"] = r["first_error"]
-                print(rows[-1], flush=True)
+                warm = bench.make_prompts(c, a.isl, 10, LLAMA3_8B["vocab_size"], seed=1000 + c)  # not cached later
+                asyncio.run(bench.level(local.url, "llama-3-8b-shape", warm, a.osl, c, 300))
+                rows.append(measure(local, mode, c, prompts, a.osl))
+            # The same prompts with a shared prefix of all but their last 16 tokens: the prefix cache's gain.
+            shared = prompts[0][:-16]
+            rows.append(measure(local, f"{mode}, shared prefix", 1, [shared + p[-16:] for p in prompts[:a.requests]],
+                                a.osl))
         finally:
             stuck = local.stop()
             if stuck:
@@ -86,7 +97,7 @@ def main() -> None:
     path = write_result("serve_gpu", rows, {"isl": a.isl, "osl": a.osl, "model": "Llama-3-8B shape, random bf16",
                                             "cpu_cores": os.cpu_count()})
     print(table(rows, ["mode", "concurrency", "errors", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
-                       "e2e_p50_ms", "output_tok_s", "req_s"]))
+                       "tpot_p50_ms", "e2e_p50_ms", "output_tok_s", "req_s"]))
     print(f"Written to {path}")
 
 
