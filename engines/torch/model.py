@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass(frozen=True)
@@ -184,9 +185,9 @@ class Attention(nn.Module):
                 v = v.repeat_interleave(self.h // self.kvh, dim=1)
             if s.context_start == 0:
                 causal = True
-            else:  # a later prefill chunk: causal with an offset
-                qi = torch.arange(s.length, device=q.device)[:, None] + s.context_start
-                mask = torch.arange(k.shape[0], device=q.device)[None, :] <= qi
+            else:  # a later prefill chunk, or the rest after a cached prefix: causal, aligned to the end. As a
+                # CausalBias rather than a mask tensor, SDPA can still take its flash kernel.
+                mask = causal_lower_right(s.length, k.shape[0])
         # [1, heads, tokens, head_dim]: the flash and memory-efficient kernels take 4-D inputs only.
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
