@@ -32,6 +32,14 @@ async def _log_error(e: Exception) -> None:
     log.warning("NATS: %s", str(e) or type(e).__name__)
 
 
+def _failure(msg, subject: str) -> PeerGone | None:
+    if msg is _GONE:
+        return PeerGone(f"the worker serving {subject} left")
+    if msg.headers and msg.headers.get("Status") == "503":  # the server says: no subscriber
+        return PeerGone(f"nothing serves {subject}")
+    return None
+
+
 async def _get_within(queue: asyncio.Queue, timeout: float):
     if hasattr(asyncio, "timeout"):  # Python 3.11+: no extra task per wait
         async with asyncio.timeout(timeout):
@@ -146,21 +154,17 @@ class Bus:
                     msg = await _get_within(queue, timeout)
                 except asyncio.TimeoutError:
                     raise RequestTimeout(f"no reply on {subject} within {timeout:g} s") from None
+                arrived = [msg]
+                while not queue.empty():
+                    arrived.append(queue.get_nowait())
                 batch = []
-                while True:
-                    if msg is _GONE:
-                        failure = PeerGone(f"the worker serving {subject} left")
-                    elif msg.headers and msg.headers.get("Status") == "503":  # the server: no subscriber
-                        failure = PeerGone(f"nothing serves {subject}")
-                    else:
-                        batch.append(msg.data)
-                        if queue.empty():
-                            break
-                        msg = queue.get_nowait()
-                        continue
-                    if batch:  # what came before the failure first
-                        yield batch
-                    raise failure
+                for msg in arrived:
+                    failure = _failure(msg, subject)
+                    if failure is not None:
+                        if batch:  # what came before the failure first
+                            yield batch
+                        raise failure
+                    batch.append(msg.data)
                 yield batch
                 timeout = idle_timeout
         finally:
