@@ -266,7 +266,7 @@ class TorchEngine:
         bs = self.options.block_size
         need = blocks_for(seq.reserve_tokens, bs)
         with self._lock:
-            if not isinstance(self._alloc, CachingBlockAllocator):
+            if not self.options.enable_block_reuse:
                 if not self._alloc.can_allocate(need):
                     return False
                 seq.blocks = self._alloc.allocate(seq.id, need)
@@ -285,13 +285,15 @@ class TorchEngine:
         """Make the blocks this step filled known to the prefix cache."""
         bs = self.options.block_size
         full = min(seq.num_computed, len(seq.tokens)) // bs
+        if full <= seq.registered:  # most decode steps fill no block: nothing to hash, no lock to take
+            return
         while len(seq.hashes) < full:
             i = len(seq.hashes)
             seq.hashes.append(next_hash(seq.hashes[-1] if seq.hashes else b"", seq.tokens[i * bs:(i + 1) * bs]))
         with self._lock:
             for i in range(seq.registered, full):
                 self._alloc.register(seq.blocks[i], seq.hashes[i])
-        seq.registered = max(seq.registered, full)
+        seq.registered = full
 
     def _step(self, batch: list[tuple[_Seq, int]]) -> None:
         ids, positions, seqs, logit_rows, to_sample = [], [], [], [], []
@@ -312,7 +314,7 @@ class TorchEngine:
             seq.num_computed += n
             if seq.mode != "decode" and seq.num_computed <= seq.num_prompt:
                 self._prompt_tokens += n
-            if seq.mode != "decode" and isinstance(self._alloc, CachingBlockAllocator):
+            if seq.mode != "decode" and self.options.enable_block_reuse:
                 self._register_full_blocks(seq)
         logits = logits.cpu()
         for row, seq in zip(logits, to_sample):
