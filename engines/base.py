@@ -70,6 +70,7 @@ class PrefillOutput:
     finish_reason: str | None  # set when the first token already ends the request: no KV is held then
     block_ids: list[int]
     num_tokens: int  # tokens whose KV the blocks hold (the prompt)
+    handoff: bytes | None = None  # engines that move their own KV: what their decode side needs (opaque)
 
 
 @dataclass
@@ -85,7 +86,11 @@ class EngineStats:
 
 
 class Engine(Protocol):
-    layout: KvLayout
+    layout: KvLayout | None
+    # True for engines that move their own KV between prefill and decode (TensorRT-LLM's cache transceiver): the
+    # prefill returns an opaque `handoff` and the decode side continues with `decode_handoff`; the worker's
+    # transfer layer stays out. False (torch, mocker): the engine exposes its pool and the worker moves blocks.
+    moves_own_kv: bool
 
     def kv_pool(self): ...  # the pool tensor, shape [num_blocks, block_bytes] viewed as bytes
 
@@ -101,6 +106,8 @@ class Engine(Protocol):
 
     def decode(self, req: EngineRequest, first_token: int, block_ids: list[int],
                num_tokens: int) -> AsyncIterator[TokenOutput]: ...
+
+    def decode_handoff(self, req: EngineRequest, handoff: bytes) -> AsyncIterator[TokenOutput]: ...
 
     def release(self, request_id: str) -> bool: ...
 

@@ -79,6 +79,8 @@ def mock_token(prompt: list[int], index: int, vocab: int) -> int:
 
 
 class MockerEngine:
+    moves_own_kv = False  # the worker moves KV blocks out of this engine's pool
+
     def __init__(self, options: MockerOptions | None = None):
         self.o = o = options or MockerOptions()
         block_bytes = max(1, o.kv_bytes_per_token * o.block_size)

@@ -4,11 +4,12 @@ Every problem is reported as `FILE: YAML.PATH: what is wrong (what was expected)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
@@ -28,8 +29,18 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LlmApiSection(BaseModel):
+    """A part of the engine YAML in TensorRT-LLM's LLM-API names. Fields hpc reads are typed; any other key passes
+    through to TensorRT-LLM if its recorded LLM API has it (engines/trtllm/recorded_api.yaml), and
+    `load_engine_config` refuses the rest, naming the closest valid key."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    section: ClassVar[str] = ""
+
+
 # ---- engine YAMLs: TensorRT-LLM LLM-API field names, so one file serves both the torch and TRT-LLM engines ----
-class KvCacheConfig(Strict):
+class KvCacheConfig(LlmApiSection):
+    section: ClassVar[str] = "kv_cache_config"
     free_gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
     enable_block_reuse: bool | None = None
     tokens_per_block: int = Field(16, ge=1)
@@ -37,12 +48,14 @@ class KvCacheConfig(Strict):
     dtype: str | None = None
 
 
-class CacheTransceiverConfig(Strict):
-    backend: Literal["DEFAULT", "UCX", "NIXL", "MPI"] = "DEFAULT"
+class CacheTransceiverConfig(LlmApiSection):
+    section: ClassVar[str] = "cache_transceiver_config"
+    backend: Literal["DEFAULT", "UCX", "NIXL", "MOONCAKE", "MPI"] = "DEFAULT"
     max_tokens_in_buffer: int | None = Field(None, ge=1)
 
 
-class CudaGraphConfig(Strict):
+class CudaGraphConfig(LlmApiSection):
+    section: ClassVar[str] = "cuda_graph_config"
     enable_padding: bool | None = None
     max_batch_size: int | None = Field(None, ge=1)
     batch_sizes: list[int] | None = None
@@ -71,7 +84,7 @@ class MockerTiming(Strict):
     vocab_size: int = Field(32000, ge=2)
 
 
-class EngineConfig(Strict):
+class EngineConfig(LlmApiSection):
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     moe_expert_parallel_size: int | None = Field(None, ge=1)
@@ -105,6 +118,15 @@ class Modality(str, Enum):
     multimodal = "multimodal"
 
 
+class ModelShape(Strict):
+    """What parallelism depends on, for checks before the model directory is reachable (config.json wins when it
+    is: the text model's `num_attention_heads`, `num_key_value_heads`, and the expert count)."""
+
+    num_attention_heads: int | None = Field(None, ge=1)
+    num_key_value_heads: int | None = Field(None, ge=1)
+    num_experts: int | None = Field(None, ge=1)
+
+
 class ModelSpec(Strict):
     path: str
     served_name: str | None = None
@@ -114,6 +136,7 @@ class ModelSpec(Strict):
     # Benchmarks of a real shape without its weights (vLLM's `--load-format dummy`): the torch engine builds
     # random weights from config.json; the directory still needs tokenizer.json for the frontend.
     random_weights: bool = False
+    shape: ModelShape | None = None
 
     @property
     def name(self) -> str:
@@ -271,13 +294,31 @@ def _yaml_path(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _format(path: Path, err: ValidationError) -> list[str]:
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the model that holds the value at `loc` (for "did you mean")."""
+    for part in loc[:-1]:
+        if isinstance(part, int) or part not in model.model_fields:
+            continue
+        annotation = model.model_fields[part].annotation
+        inner = [a for a in (getattr(annotation, "__args__", None) or (annotation,))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return []
+        model = inner[0]
+    return list(model.model_fields)
+
+
+def _format(path: Path, err: ValidationError, model: type[BaseModel] | None = None) -> list[str]:
+    from engines.trtllm.args import closest
+
     problems = []
     for e in err.errors():
-        where = _yaml_path(tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        where = _yaml_path(loc)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field"
+            hint = closest(str(loc[-1]), _fields_at(model, loc)) if model and loc else None
+            msg = "unknown field" + (f" (did you mean {hint}?)" if hint else "")
         elif e["type"] == "missing":
             msg = "required field is missing"
         elif e["type"] not in ("value_error",):
@@ -293,13 +334,36 @@ def parse_model(model: type[BaseModel], path: Path, data: Any, what: str) -> Any
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format(path, e)) from None
+        raise ConfigError(_format(path, e, model)) from None
 
 
 def load_engine_config(path: str | Path) -> EngineConfig:
     path = Path(path)
     data = read_yaml(path)
-    return parse_model(EngineConfig, path, data if data is not None else {}, "engine")
+    cfg = parse_model(EngineConfig, path, data if data is not None else {}, "engine")
+    problems = _llm_api_problems(cfg, path)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _llm_api_problems(section: LlmApiSection, path: Path, prefix: str = "") -> list[str]:
+    """Keys hpc does not type pass through to TensorRT-LLM only if its LLM API has them."""
+    from engines.trtllm.args import accepted_keys, closest
+
+    fields = type(section).model_fields
+    accepted = [*fields, *accepted_keys(section.section)]
+    problems = []
+    for key in section.model_extra or {}:
+        if key not in accepted:
+            hint = closest(key, accepted)
+            problems.append(f"{path}: {prefix}{key}: unknown field (TensorRT-LLM's LLM API has no such argument"
+                            + (f"; did you mean {hint}?)" if hint else ")"))
+    for name in fields:
+        value = getattr(section, name)
+        if isinstance(value, LlmApiSection):
+            problems += _llm_api_problems(value, path, f"{prefix}{name}.")
+    return problems
 
 
 def load_deployment(path: str | Path, check_files: bool = True) -> Deployment:
@@ -372,6 +436,68 @@ def check_deployment(dep: Deployment, path: Path) -> list[str]:
                             f"expert_parallel_size: {spec.expert_parallel_size} in {path}")
         if cfg.enable_attention_dp and spec.tensor_parallel_size == 1:
             problems.append(f"{cfg_path}: enable_attention_dp: needs tensor_parallel_size > 1")
+        if spec.engine == "trtllm":
+            problems += _trtllm_problems(dep, role, spec, cfg, cfg_path, path)
+    problems += _shape_problems(dep, path)
+    return problems
+
+
+def _trtllm_problems(dep: "Deployment", role: str, spec: WorkerSpec, cfg: EngineConfig, cfg_path: Path,
+                     path: Path) -> list[str]:
+    problems = []
+    if cfg.backend not in (None, "pytorch"):
+        problems.append(f"{cfg_path}: backend: {cfg.backend} is not served by hpc's TensorRT-LLM adapter (it drives "
+                        f"the LLM API's PyTorch backend; remove the key or set pytorch)")
+    if role in ("prefill", "decode") and cfg.cache_transceiver_config is None:
+        problems.append(f"{cfg_path}: cache_transceiver_config: required for TensorRT-LLM {role} workers (its cache "
+                        f"transceiver moves the KV; e.g. {{backend: NIXL}})")
+    return problems
+
+
+def model_shape(dep: "Deployment", path: Path) -> tuple[ModelShape | None, list[str]]:
+    """The model's shape from its config.json when the directory is reachable from here, else what the
+    deployment declares (model.shape)."""
+    model_dir = Path(dep.model.path)
+    if not model_dir.is_absolute() and dep.source is not None and not model_dir.exists():
+        model_dir = dep.source.parent / model_dir
+    if not model_dir.is_dir():
+        return dep.model.shape, []
+    config = model_dir / "config.json"
+    try:
+        data = json.loads(config.read_text())
+    except FileNotFoundError:
+        return dep.model.shape, [f"{path}: model.path: {model_dir} has no config.json (expected a Hugging Face "
+                                 f"model directory)"]
+    except (OSError, ValueError) as e:
+        return dep.model.shape, [f"{config}: cannot read it as JSON ({e})"]
+    text = data.get("text_config") or data
+    experts = next((text[k] for k in ("num_local_experts", "n_routed_experts", "num_experts") if k in text), None)
+    heads = text.get("num_attention_heads")
+    return ModelShape(num_attention_heads=heads, num_key_value_heads=text.get("num_key_value_heads", heads),
+                      num_experts=experts), []
+
+
+def _shape_problems(dep: "Deployment", path: Path) -> list[str]:
+    """Tensor parallelism splits attention heads; expert parallelism splits experts."""
+    shape, problems = model_shape(dep, path)
+    if shape is None:
+        return problems
+    for role, spec in dep.workers.items():
+        where = f"{path}: workers.{role}"
+        tp, ep = spec.tensor_parallel_size, spec.expert_parallel_size
+        attention_dp = dep.engine_config(role).enable_attention_dp if spec.engine_config else False
+        heads, kv_heads = shape.num_attention_heads, shape.num_key_value_heads
+        if tp > 1 and not attention_dp and heads and heads % tp:
+            problems.append(f"{where}.tensor_parallel_size: {tp} does not divide the model's {heads} attention "
+                            f"heads (choose a TP that divides {heads}, or enable_attention_dp)")
+        elif tp > 1 and not attention_dp and kv_heads and kv_heads % tp and tp % kv_heads:
+            problems.append(f"{where}.tensor_parallel_size: {tp} and the model's {kv_heads} KV heads do not divide "
+                            f"one another (each rank needs whole KV heads, or whole copies of them)")
+        if ep > 1 and shape.num_experts and shape.num_experts % ep:
+            problems.append(f"{where}.expert_parallel_size: {ep} does not divide the model's {shape.num_experts} "
+                            f"experts")
+        if ep > 1 and shape.num_experts is None and shape.num_attention_heads:
+            problems.append(f"{where}.expert_parallel_size: {ep} but the model has no experts")
     return problems
 
 

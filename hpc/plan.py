@@ -13,6 +13,7 @@ from hpc.config import Deployment
 from hpc.errors import HpcError
 
 ROLE_ORDER = ("encode", "prefill", "decode", "aggregated")
+TRTLLM_LAUNCHER = ("trtllm-llmapi-launch",)
 
 
 class PlanError(HpcError):
@@ -41,6 +42,9 @@ class Step:
     args: tuple[str, ...] = ()  # after `python -m <module>`
     module: str = ""
     env: tuple[tuple[str, str], ...] = ()
+    # Runs before the interpreter on every rank: TensorRT-LLM workers start under `trtllm-llmapi-launch`, which
+    # runs our command on rank 0 and TensorRT-LLM's MPI workers on the other ranks.
+    launcher: tuple[str, ...] = ()
 
     @property
     def ntasks(self) -> int:
@@ -112,7 +116,9 @@ def plan(dep: Deployment, alloc: Allocation, config_path: str, state_dir: str,
             name = f"{role}-{i}"
             ranks = spec.gpus_per_worker
             if uses_gpus(dep, role):
-                step_nodes, gpus, per_node = _place_gpus(free, ranks, gpn, f"{where}: workers.{role} replica {i}")
+                per_node_max = min(gpn, spec.gpus_per_node) if spec.gpus_per_node else gpn
+                step_nodes, gpus, per_node = _place_gpus(free, ranks, per_node_max,
+                                                         f"{where}: workers.{role} replica {i}")
             else:  # one rank per node, on the nodes after the head, in turn
                 count = min(ranks, len(cpu_nodes))
                 if ranks % count:
@@ -123,22 +129,28 @@ def plan(dep: Deployment, alloc: Allocation, config_path: str, state_dir: str,
                 gpus, per_node = (), ranks // count
             steps.append(Step(name, "worker", step_nodes, per_node, gpus, role, i, spec.engine, mpi=True,
                               module="workers", args=("--config", config_path, "--role", role, "--worker-id", name),
-                              env=tuple(sorted(spec.env.items()))))
+                              env=tuple(sorted(spec.env.items())),
+                              launcher=TRTLLM_LAUNCHER if spec.engine == "trtllm" else ()))
     return Plan(dep.name, config_path, dep.model.name, head, alloc, tuple(steps))
 
 
 def _place_gpus(free: dict[str, list[int]], ranks: int, gpn: int, what: str):
+    """`gpn`: the most GPUs a worker of this role uses on one node (the node's count, or less when the role's
+    gpus_per_node says so). A worker of gpn or more GPUs takes gpn on each of ranks/gpn nodes."""
     if gpn == 0:
         raise PlanError(f"{what}: needs {ranks} GPUs; the allocation has none")
-    if ranks >= gpn:  # whole nodes, the first run of completely free ones
+    if ranks >= gpn:  # the first nodes with gpn free GPUs: whole nodes unless the role uses part of each
         count = ranks // gpn
-        whole = [n for n, g in free.items() if len(g) == gpn]
-        if len(whole) < count:
-            raise PlanError(f"{what}: needs {count} whole node(s) of {gpn} GPUs; only {len(whole)} left free")
-        chosen = whole[:count]
+        roomy = [n for n, g in free.items() if len(g) >= gpn]
+        if len(roomy) < count:
+            raise PlanError(f"{what}: needs {count} node(s) with {gpn} free GPUs; only {len(roomy)} left")
+        chosen = roomy[:count]
+        taken = tuple(free[chosen[0]][:gpn])
+        if any(tuple(free[n][:gpn]) != taken for n in chosen):  # one CUDA_VISIBLE_DEVICES for the whole step
+            raise PlanError(f"{what}: needs the same {gpn} GPU indices free on {count} nodes")
         for n in chosen:
-            free[n] = []
-        return tuple(chosen), tuple(range(gpn)), gpn
+            free[n] = free[n][gpn:]
+        return tuple(chosen), taken, gpn
     for n, g in free.items():
         if len(g) >= ranks:
             taken, free[n] = g[:ranks], g[ranks:]

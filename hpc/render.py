@@ -22,6 +22,7 @@ class _Worker:
     node_expr: str
     ntasks_per_node: int
     gpus: tuple[int, ...]
+    launcher: str  # "trtllm-llmapi-launch " before the interpreter, or ""
 
 
 def _node_expr(step: Step, nodes: tuple[str, ...]) -> str:
@@ -47,8 +48,8 @@ def _engine_config(config: str, engine_config: str | None) -> str:
 
 def render_script(dep: Deployment, plan: Plan, config: str) -> str:
     nodes = plan.allocation.nodes
-    workers = [_Worker(s.name, s.role, s.replica, s.nodes, _node_expr(s, nodes), s.ntasks_per_node, s.gpus)
-               for s in plan.workers()]
+    workers = [_Worker(s.name, s.role, s.replica, s.nodes, _node_expr(s, nodes), s.ntasks_per_node, s.gpus,
+                       "".join(f"{word} " for word in s.launcher)) for s in plan.workers()]
     roles = [r for r, _ in dep.workers.items()]
     first = {r: next(w for w in workers if w.role == r) for r in roles if any(w.role == r for w in workers)}
     c = dep.container

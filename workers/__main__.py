@@ -16,6 +16,8 @@ from engines.base import EngineError
 from hpc.config import EngineConfig, load_deployment, load_engine_config
 from hpc.errors import HpcError
 from workers.engines import build_engine
+
+TRTLLM_WORLD_SIZE_ENV = "tllm_mpi_size"  # set by trtllm-llmapi-launch for rank 0's command
 from workers.worker import Worker, WorkerOptions
 
 
@@ -109,6 +111,11 @@ def main(argv=None) -> None:
         rank, size = mpi_rank()
         options.mpi_size = size
         tp = None
+        if options.engine == "trtllm":
+            if size > 1:  # trtllm-llmapi-launch hides the MPI world from rank 0's command
+                raise HpcError(f"{size} MPI ranks run this worker directly; a TensorRT-LLM worker of several ranks "
+                               f"runs as `srun --mpi=pmix ... trtllm-llmapi-launch python -m workers ...`")
+            options.mpi_size = int(os.environ.get(TRTLLM_WORLD_SIZE_ENV, "1"))
         if size > 1 and options.engine == "torch":
             tp = tensor_parallel(options, rank, size)
             if rank > 0:

@@ -25,6 +25,8 @@ def build_engine(name: str, model_path: str, cfg: EngineConfig, random_weights: 
                                           num_blocks=cfg.num_kv_blocks or 4096, max_batch_size=cfg.max_batch_size,
                                           block_reuse=cfg.kv_cache_config.enable_block_reuse is not False))
     if name == "trtllm":
-        raise HpcError("engine trtllm: TensorRT-LLM is not installed in this environment (it runs in NVIDIA's "
-                       "TensorRT-LLM container; `pip install hpc[trtllm]` there)")
+        from engines.trtllm.engine import TrtllmEngine
+
+        # Only what the YAML sets: TensorRT-LLM's own defaults stand for everything else.
+        return TrtllmEngine(model_path, cfg.model_dump(exclude_unset=True))
     raise HpcError(f"unknown engine {name!r} (expected torch, mocker or trtllm)")

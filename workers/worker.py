@@ -90,7 +90,7 @@ class Worker:
                 ensure_cuda_context(torch.cuda.current_device())  # before the NIXL agent: see transfer.py
         self.engine = build_engine(o.engine, o.model_path, o.engine_config, o.random_weights, tp=self.tp)
         self.engine.start(loop)
-        if o.role in ("prefill", "decode"):
+        if o.role in ("prefill", "decode") and not self.engine.moves_own_kv:
             self.transfer = KvTransfer(f"{o.deployment}.{o.worker_id}", self.engine.kv_pool(),
                                        wire_layout(self.engine.layout), o.host, o.intra_node)
         self.bus = await Bus.connect(o.nats, o.worker_id)
@@ -107,7 +107,8 @@ class Worker:
                           model_path=os.path.abspath(o.model_path), mpi_size=o.mpi_size,
                           gpus=[g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g],
                           nixl_agent=self.transfer.name if self.transfer else None,
-                          layout=wire_layout(self.engine.layout), max_batch_size=o.engine_config.max_batch_size,
+                          layout=wire_layout(self.engine.layout) if self.engine.layout else None,
+                          max_batch_size=o.engine_config.max_batch_size,
                           metrics_url=metrics_url)
         self.registration = discovery.Registration(self.etcd, {
             self.keys.worker(o.role, o.worker_id): encode_json(info),
@@ -237,14 +238,22 @@ class Worker:
         out = await self.engine.prefill(self.engine_request(req))
         self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
         kv = None
-        if out.finish_reason is None:
+        if out.finish_reason is None and not self.engine.moves_own_kv:
             kv = self.transfer.handle(out.block_ids, out.num_tokens)
             self.held[req.request_id] = time.monotonic() + self.o.release_after
             self.held_changed.set()
         self.metrics.tokens.inc()
-        await reply(encode(PrefillResult(req.request_id, out.first_token, out.num_tokens, out.finish_reason, kv)))
+        await reply(encode(PrefillResult(req.request_id, out.first_token, out.num_tokens, out.finish_reason, kv,
+                                         disagg_params=out.handoff)))
 
     async def serve_decode(self, req: GenerateRequest, reply) -> None:
+        if self.engine.moves_own_kv:  # the engine pulls the KV itself (TensorRT-LLM's cache transceiver)
+            if req.disagg_params is None or req.first_token is None:
+                raise _Reply("bad_request", "a decode request needs the prefill result (disagg_params and "
+                                            "first_token)")
+            await self._stream(req.request_id, self.engine.decode_handoff(self.engine_request(req),
+                                                                          req.disagg_params), reply)
+            return
         kv, rid = req.kv, req.request_id
         if kv is None or req.first_token is None:
             raise _Reply("bad_request", "a decode request needs the prefill result (kv and first_token)")

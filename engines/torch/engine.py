@@ -70,6 +70,8 @@ def pick_device(name: str) -> torch.device:
 
 
 class TorchEngine:
+    moves_own_kv = False  # the worker moves KV blocks out of this engine's pool
+
     def __init__(self, model_dir: str | Path, options: TorchEngineOptions | None = None,
                  model: LlamaForCausalLM | None = None, tp=None):
         self.options = o = options or TorchEngineOptions()

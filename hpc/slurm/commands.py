@@ -58,7 +58,7 @@ def srun_argv(step, job_id: str | None, python: str, deployment: str, container=
         names = sorted({*container.env, *(k for k, _ in step.env)})
         if names:
             argv.append(f"--container-env={','.join(names)}")
-    return argv + [python, "-m", step.module, *step.args]
+    return argv + [*step.launcher, python, "-m", step.module, *step.args]
 
 
 def step_env(step) -> dict[str, str]:

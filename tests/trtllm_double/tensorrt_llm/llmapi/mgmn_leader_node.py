@@ -1,0 +1,4 @@
+from tensorrt_llm._mpi import leader
+
+if __name__ == "__main__":
+    leader()

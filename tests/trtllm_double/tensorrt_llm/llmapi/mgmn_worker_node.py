@@ -1,0 +1,4 @@
+from tensorrt_llm._mpi import worker
+
+if __name__ == "__main__":
+    worker()
