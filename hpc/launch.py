@@ -135,13 +135,18 @@ class Launcher:
 
     def _wait(self, name: str, check: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        log = Path(self.state.steps[name]["log"])
         while not check():
+            # A component that gives up says why in one `error:` line, and that ends the wait at once: the step
+            # itself may linger (other MPI ranks of a TensorRT-LLM worker wait until srun ends them).
+            error = _error_line(log)
+            if error:
+                raise HpcError(f"{name} failed: {error} (log {log})")
             popen = self.popens[name]
             if popen.poll() is not None:
-                log = self.state.steps[name]["log"]
-                raise HpcError(f"{name} exited (srun code {popen.returncode}). Log {log}:\n{log_tail(Path(log), 25)}")
+                raise HpcError(f"{name} exited (srun code {popen.returncode}). Log {log}:\n{log_tail(log, 25)}")
             if time.monotonic() > deadline:
-                raise HpcError(f"{name}: not ready after {timeout:.0f} s; log {self.state.steps[name]['log']}")
+                raise HpcError(f"{name}: not ready after {timeout:.0f} s; log {log}")
             time.sleep(0.1)
 
     def start(self, on_ready: Callable[[str, str, float], None] = lambda *a: None, timeout: float = 600) -> None:
@@ -191,6 +196,12 @@ class Launcher:
 
     def healthy(self) -> bool:
         return http_ok(f"{self.state.frontend_url}/health")
+
+
+def _error_line(log: Path) -> str | None:
+    """The last `error: ...` line a component wrote (its own one-line reason for stopping), if any."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
+    return lines[-1].removeprefix("error: ") if lines else None
 
 
 def stop_steps(state: LaunchState, names: list[str], env: dict, timeout: float = 60) -> list[str]:

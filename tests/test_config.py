@@ -21,7 +21,7 @@ workers:
   prefill: {engine: trtllm, engine_config: eng.yaml, tensor_parallel_size: 2}
   decode: {engine: trtllm, engine_config: eng.yaml, tensor_parallel_size: 2}
 """
-ENGINE = "tensor_parallel_size: 2\nmax_num_tokens: 512\n"
+ENGINE = "tensor_parallel_size: 2\nmax_num_tokens: 512\ncache_transceiver_config: {backend: NIXL}\n"
 
 
 def test_shipped_configs_exist():
@@ -123,3 +123,67 @@ def test_random_weights_reach_the_workers(tmp_path):
     assert parse(args).random_weights
     dep.write_text(dep.read_text().replace(", random_weights: true", ""))
     assert not parse(args).random_weights
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load_deployment(path)
+    return e.value.problems
+
+
+def test_engine_yaml_keys_pass_through_only_if_tensorrt_llm_has_them(tmp_path):
+    ok = write(tmp_path, GOOD, ENGINE + "enable_iter_perf_stats: true\nkv_cache_config: {host_cache_size: 1000}\n")
+    load_deployment(ok)  # TensorRT-LLM arguments hpc does not type go through as written
+    bad = write(tmp_path, GOOD, ENGINE + "max_num_token: 8\nkv_cache_config: {free_gpu_memory_fractio: 0.5}\n"
+                                         "cache_transceiver_config: {backend: NIXL, max_token_in_buffer: 8}\n")
+    text = "\n".join(problems_of(bad))
+    assert "eng.yaml: max_num_token: unknown field" in text and "did you mean max_num_tokens?" in text
+    assert "kv_cache_config.free_gpu_memory_fractio: unknown field" in text
+    assert "did you mean free_gpu_memory_fraction?" in text
+
+
+def test_deployment_unknown_field_names_the_closest(tmp_path):
+    text = "\n".join(problems_of(write(tmp_path, GOOD.replace("served_name", "served_nmae"))))
+    assert "model.served_nmae: unknown field (did you mean served_name?)" in text
+
+
+def test_maverick_tp16_on_h100_nodes_is_refused_with_the_heads_reason(tmp_path):
+    maverick = (REPO / "configs" / "llama4-maverick-disagg-h200.yaml").read_text()
+    for engine in ("prefill", "decode"):
+        (tmp_path / f"{engine}.yaml").write_text(
+            (REPO / f"configs/engines/llama4-maverick-h200/{engine}.yaml").read_text()
+            .replace("tensor_parallel_size: 8", "tensor_parallel_size: 16")
+            .replace("moe_expert_parallel_size: 8", "moe_expert_parallel_size: 16")
+            .replace("enable_attention_dp: true", "enable_attention_dp: false"))
+    cfg = tmp_path / "maverick-h100.yaml"
+    cfg.write_text(maverick.replace("cluster: {gpus_per_node: 8, nodes: 2}", "cluster: {gpus_per_node: 8, nodes: 8}")
+                   .replace("engines/llama4-maverick-h200/", "").replace("tensor_parallel_size: 8",
+                   "tensor_parallel_size: 16").replace("expert_parallel_size: 8", "expert_parallel_size: 16"))
+    text = "\n".join(problems_of(cfg))
+    assert "workers.prefill.tensor_parallel_size: 16 does not divide the model's 40 attention heads" in text
+    assert "workers.decode.tensor_parallel_size: 16 does not divide the model's 40 attention heads" in text
+
+
+def test_expert_parallel_must_divide_the_experts(tmp_path):
+    cfg = write(tmp_path, GOOD.replace("served_name: tiny}", "served_name: tiny, shape: {num_attention_heads: 8, "
+                                       "num_key_value_heads: 2, num_experts: 6}}")
+                .replace("tensor_parallel_size: 2}", "tensor_parallel_size: 2, expert_parallel_size: 4}"),
+                ENGINE.replace("tensor_parallel_size: 2", "tensor_parallel_size: 2\nmoe_expert_parallel_size: 4"))
+    text = "\n".join(problems_of(cfg))
+    assert "workers.prefill.expert_parallel_size: 4 does not divide the model's 6 experts" in text
+
+
+def test_disaggregated_trtllm_needs_its_cache_transceiver(tmp_path):
+    text = "\n".join(problems_of(write(tmp_path, GOOD, "tensor_parallel_size: 2\n")))
+    assert "eng.yaml: cache_transceiver_config: required for TensorRT-LLM prefill workers" in text
+
+
+def test_model_directory_config_json_is_checked_and_wins(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    cfg = write(tmp_path, GOOD.replace("/m,", f"{model},"))
+    assert "has no config.json" in "\n".join(problems_of(cfg))
+    (model / "config.json").write_text('{"num_attention_heads": 6, "num_key_value_heads": 3}')
+    text = "\n".join(problems_of(cfg))
+    assert "tensor_parallel_size: 2 does not divide the model's 6 attention heads" not in text
+    assert "tensor_parallel_size: 2 and the model's 3 KV heads do not divide one another" in text

@@ -19,6 +19,14 @@ CASES = {  # golden name: (config, extra args)
     "maverick-gb200-container": ("configs/llama4-maverick-disagg-gb200.yaml", []),
     "gpt-oss-one-node-two-workers": ("configs/gpt-oss-120b-disagg-h100.yaml", []),
     "deepseek-wide-ep-12nodes": ("configs/deepseek-r1-wide-ep-gb200.yaml", []),
+    "maverick-h200-2nodes": ("configs/llama4-maverick-disagg-h200.yaml", []),
+    "scout-epd-3nodes": ("configs/llama4-scout-epd.yaml", []),
+    "llava-epd-2nodes": ("configs/llava-v1.6-mistral-7b-epd.yaml", []),
+    "qwen2-vl-2nodes": ("configs/qwen2-vl-7b-disagg.yaml", []),
+    "llama70b-1node": ("configs/llama-3.3-70b-disagg-1node.yaml", []),
+    "llama70b-2nodes": ("configs/llama-3.3-70b-disagg-2node.yaml", []),
+    "tiny-trtllm-ranks-across-nodes": ("configs/tiny-trtllm.yaml", []),
+    "tiny-mocker-3nodes": ("configs/tiny-mocker.yaml", []),
 }
 OVERRIDES = ("IMAGE", "MOUNTS", "MODEL_PATH", "SERVED_MODEL_NAME", "MODEL_MOUNT", "HPC_MODEL_DIR",
              "ALLOWED_LOCAL_MEDIA_PATH", "MAX_FILE_SIZE_MB")
@@ -68,3 +76,16 @@ def test_render_refuses_what_does_not_fit():
     out = subprocess.run([sys.executable, "-m", "hpc", "render", "configs/llama4-maverick-disagg-gb200.yaml",
                           "--nodes", "2"], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "cluster.nodes: the deployment needs 4 nodes; the allocation has 2" in out.stderr
+
+
+def test_every_config_in_configs_has_a_golden():
+    assert {str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml")} == {c for c, _ in CASES.values()}
+
+
+def test_trtllm_workers_start_under_trtllm_llmapi_launch_with_their_ranks():
+    text = render("configs/gpt-oss-120b-disagg-h100.yaml", [])
+    # NVIDIA's layout: one srun step per worker, --mpi=pmix, one task per GPU, the launcher before the interpreter.
+    assert 'CUDA_VISIBLE_DEVICES=0,1,2,3 step prefill-0 "${NODES[0]}" 4 --mpi=pmix' in text
+    assert 'CUDA_VISIBLE_DEVICES=4,5,6,7 step decode-0 "${NODES[0]}" 4 --mpi=pmix' in text
+    assert text.count('trtllm-llmapi-launch "$PYTHON" -m workers') == 2
+    assert "--container-image" in text

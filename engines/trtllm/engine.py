@@ -147,9 +147,9 @@ class TrtllmEngine:
             raise RuntimeError(f"TensorRT-LLM prefill ended without a token (finish reason {c.finish_reason})")
         first = c.token_ids[0]
         self._generated_tokens += 1
-        s = req.sampling
-        finish = ("stop" if first in s.stop_token_ids and not s.ignore_eos else
-                  "length" if s.max_tokens <= 1 else None)
+        # TensorRT-LLM says "stop" when the first token ends the request (end id or a stop token); "length" only
+        # means the context-only request's max_tokens of 1.
+        finish = "stop" if c.finish_reason == "stop" else "length" if req.sampling.max_tokens <= 1 else None
         handoff = None if finish else encode_params(c.disaggregated_params)
         return PrefillOutput(first, finish, [], len(req.prompt), handoff=handoff)
 

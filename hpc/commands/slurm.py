@@ -59,7 +59,8 @@ def render(config: Path = typer.Argument(..., help="Deployment YAML"),
 def launch(config: Path = typer.Argument(..., help="Deployment YAML"),
            nodes: Optional[int] = typer.Option(None, help="Ask Slurm for this many nodes (salloc) when not "
                                                            "inside an allocation"),
-           gpus_per_node: Optional[int] = typer.Option(None, help="GPUs per node (default: what Slurm reports)"),
+           gpus_per_node: Optional[int] = typer.Option(None, help="GPUs per node (default: what Slurm reports, or "
+                                                                   "cluster.gpus_per_node for a new allocation)"),
            time_limit: Optional[str] = typer.Option(None, "--time", help="Time limit of a new allocation"),
            partition: Optional[str] = typer.Option(None, help="Partition of a new allocation"),
            account: Optional[str] = typer.Option(None, help="Account of a new allocation"),
@@ -72,6 +73,7 @@ def launch(config: Path = typer.Argument(..., help="Deployment YAML"),
 
     from hpc.config import load_deployment
     from hpc.launch import Launcher, current_allocation, request_allocation, stop_deployment
+    from hpc.plan import needed_gpus
     from hpc.slurm import commands
 
     dep = load_deployment(config)
@@ -81,6 +83,8 @@ def launch(config: Path = typer.Argument(..., help="Deployment YAML"),
         if not nodes:
             raise HpcError("not inside a Slurm allocation: run this inside `salloc -N N ...`, or pass --nodes N "
                            "(and --gpus-per-node, --time, --partition, --account) so hpc asks for one")
+        if gpus_per_node is None and needed_gpus(dep):  # the GPUs the config is written for
+            gpus_per_node = dep.cluster.gpus_per_node
         with console.status(f"asking Slurm for {nodes} nodes") as status:
             alloc = request_allocation(dep.name, nodes, gpus_per_node, time_limit, partition, account, env,
                                        waiting=lambda msg: status.update(msg))

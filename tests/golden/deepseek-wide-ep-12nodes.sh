@@ -107,38 +107,38 @@ echo "etcd $HPC_ETCD   nats $HPC_NATS"
 step frontend "${NODES[0]}" 1 --mpi=none -- "$PYTHON" -m frontend --deployment dsr1-wide-ep --host 0.0.0.0 \
   --port "$FRONTEND_PORT" --router kv-aware --model "$SERVED_MODEL_NAME"
 
-# prefill-0: 1 node(s) x 4 rank(s), GPUs 0,1,2,3
+# prefill-0: 1 node(s) x 4 rank(s), GPUs 0,1,2,3; rank 0 serves, the other ranks run TensorRT-LLM's MPI workers
 if (( NUM_PREFILL_WORKERS > 0 )); then
   CUDA_VISIBLE_DEVICES=0,1,2,3 step prefill-0 "${NODES[0]}" 4 --mpi=pmix -- \
-    "$PYTHON" -m workers --config "$CONFIG" --role prefill --worker-id prefill-0 --model "$MODEL_PATH" \
+    trtllm-llmapi-launch "$PYTHON" -m workers --config "$CONFIG" --role prefill --worker-id prefill-0 --model "$MODEL_PATH" \
     --served-name "$SERVED_MODEL_NAME" --engine-config "${PREFILL_ENGINE_CONFIG}"
 fi
 
-# prefill-1: 1 node(s) x 4 rank(s), GPUs 0,1,2,3
+# prefill-1: 1 node(s) x 4 rank(s), GPUs 0,1,2,3; rank 0 serves, the other ranks run TensorRT-LLM's MPI workers
 if (( NUM_PREFILL_WORKERS > 1 )); then
   CUDA_VISIBLE_DEVICES=0,1,2,3 step prefill-1 "${NODES[1]}" 4 --mpi=pmix -- \
-    "$PYTHON" -m workers --config "$CONFIG" --role prefill --worker-id prefill-1 --model "$MODEL_PATH" \
+    trtllm-llmapi-launch "$PYTHON" -m workers --config "$CONFIG" --role prefill --worker-id prefill-1 --model "$MODEL_PATH" \
     --served-name "$SERVED_MODEL_NAME" --engine-config "${PREFILL_ENGINE_CONFIG}"
 fi
 
-# prefill-2: 1 node(s) x 4 rank(s), GPUs 0,1,2,3
+# prefill-2: 1 node(s) x 4 rank(s), GPUs 0,1,2,3; rank 0 serves, the other ranks run TensorRT-LLM's MPI workers
 if (( NUM_PREFILL_WORKERS > 2 )); then
   CUDA_VISIBLE_DEVICES=0,1,2,3 step prefill-2 "${NODES[2]}" 4 --mpi=pmix -- \
-    "$PYTHON" -m workers --config "$CONFIG" --role prefill --worker-id prefill-2 --model "$MODEL_PATH" \
+    trtllm-llmapi-launch "$PYTHON" -m workers --config "$CONFIG" --role prefill --worker-id prefill-2 --model "$MODEL_PATH" \
     --served-name "$SERVED_MODEL_NAME" --engine-config "${PREFILL_ENGINE_CONFIG}"
 fi
 
-# prefill-3: 1 node(s) x 4 rank(s), GPUs 0,1,2,3
+# prefill-3: 1 node(s) x 4 rank(s), GPUs 0,1,2,3; rank 0 serves, the other ranks run TensorRT-LLM's MPI workers
 if (( NUM_PREFILL_WORKERS > 3 )); then
   CUDA_VISIBLE_DEVICES=0,1,2,3 step prefill-3 "${NODES[3]}" 4 --mpi=pmix -- \
-    "$PYTHON" -m workers --config "$CONFIG" --role prefill --worker-id prefill-3 --model "$MODEL_PATH" \
+    trtllm-llmapi-launch "$PYTHON" -m workers --config "$CONFIG" --role prefill --worker-id prefill-3 --model "$MODEL_PATH" \
     --served-name "$SERVED_MODEL_NAME" --engine-config "${PREFILL_ENGINE_CONFIG}"
 fi
 
-# decode-0: 8 node(s) x 4 rank(s), GPUs 0,1,2,3
+# decode-0: 8 node(s) x 4 rank(s), GPUs 0,1,2,3; rank 0 serves, the other ranks run TensorRT-LLM's MPI workers
 if (( NUM_DECODE_WORKERS > 0 )); then
   CUDA_VISIBLE_DEVICES=0,1,2,3 step decode-0 "${NODES[4]},${NODES[5]},${NODES[6]},${NODES[7]},${NODES[8]},${NODES[9]},${NODES[10]},${NODES[11]}" 4 --mpi=pmix -- \
-    "$PYTHON" -m workers --config "$CONFIG" --role decode --worker-id decode-0 --model "$MODEL_PATH" \
+    trtllm-llmapi-launch "$PYTHON" -m workers --config "$CONFIG" --role decode --worker-id decode-0 --model "$MODEL_PATH" \
     --served-name "$SERVED_MODEL_NAME" --engine-config "${DECODE_ENGINE_CONFIG}"
 fi
 

@@ -107,17 +107,17 @@ echo "etcd $HPC_ETCD   nats $HPC_NATS"
 step frontend "${NODES[0]}" 1 --mpi=none -- "$PYTHON" -m frontend --deployment gpt-oss-120b --host 0.0.0.0 \
   --port "$FRONTEND_PORT" --router round-robin --model "$SERVED_MODEL_NAME"
 
-# prefill-0: 1 node(s) x 4 rank(s), GPUs 0,1,2,3
+# prefill-0: 1 node(s) x 4 rank(s), GPUs 0,1,2,3; rank 0 serves, the other ranks run TensorRT-LLM's MPI workers
 if (( NUM_PREFILL_WORKERS > 0 )); then
   CUDA_VISIBLE_DEVICES=0,1,2,3 step prefill-0 "${NODES[0]}" 4 --mpi=pmix -- \
-    "$PYTHON" -m workers --config "$CONFIG" --role prefill --worker-id prefill-0 --model "$MODEL_PATH" \
+    trtllm-llmapi-launch "$PYTHON" -m workers --config "$CONFIG" --role prefill --worker-id prefill-0 --model "$MODEL_PATH" \
     --served-name "$SERVED_MODEL_NAME" --engine-config "${PREFILL_ENGINE_CONFIG}"
 fi
 
-# decode-0: 1 node(s) x 4 rank(s), GPUs 4,5,6,7
+# decode-0: 1 node(s) x 4 rank(s), GPUs 4,5,6,7; rank 0 serves, the other ranks run TensorRT-LLM's MPI workers
 if (( NUM_DECODE_WORKERS > 0 )); then
   CUDA_VISIBLE_DEVICES=4,5,6,7 step decode-0 "${NODES[0]}" 4 --mpi=pmix -- \
-    "$PYTHON" -m workers --config "$CONFIG" --role decode --worker-id decode-0 --model "$MODEL_PATH" \
+    trtllm-llmapi-launch "$PYTHON" -m workers --config "$CONFIG" --role decode --worker-id decode-0 --model "$MODEL_PATH" \
     --served-name "$SERVED_MODEL_NAME" --engine-config "${DECODE_ENGINE_CONFIG}"
 fi
 

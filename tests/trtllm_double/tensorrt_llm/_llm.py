@@ -285,6 +285,7 @@ class LLM:
         self._max_seq_len = a.get("max_seq_len")
         self._transceiver_config = a.get("cache_transceiver_config")
         self._conn = None
+        self._end_id = _model.load(str(a["model"]))["eos_token_id"]  # the tokenizer's end id, as the real LLM
         if world > 1:
             if os.environ.get("TLLM_SPAWN_PROXY_PROCESS") != "1" or int(os.environ.get("tllm_mpi_size", 1)) != world:
                 raise RuntimeError(f"Only {os.environ.get('tllm_mpi_size', 1)} MPI ranks are available, but "
@@ -314,6 +315,8 @@ class LLM:
         if self._max_seq_len and len(prompt) + sampling.max_tokens > self._max_seq_len:
             raise ValueError(f"The sum of prompt length ({len(prompt)}) and max_tokens ({sampling.max_tokens}) "
                              f"should not exceed max_seq_len ({self._max_seq_len})")
+        if sampling.end_id is None:
+            sampling.end_id = self._end_id
         kind = params.request_type if params and params.request_type else "context_and_generation"
         if kind != "context_and_generation" and self._transceiver_config is None:
             raise ValueError(f"a {kind} request needs cache_transceiver_config in the LLM arguments")

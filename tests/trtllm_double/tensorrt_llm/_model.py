@@ -15,7 +15,9 @@ def load(model_dir: str) -> dict:
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found: not a Hugging Face model directory")
     data = json.loads(config.read_text())
-    return {"vocab_size": int((data.get("text_config") or data)["vocab_size"])}
+    text = data.get("text_config") or data
+    eos = data.get("eos_token_id", text.get("eos_token_id"))
+    return {"vocab_size": int(text["vocab_size"]), "eos_token_id": eos[0] if isinstance(eos, list) else eos}
 
 
 def _context_key(context: list[int]) -> int:

@@ -54,8 +54,9 @@ def leader() -> None:
 
     comm = MPI.COMM_WORLD
     if "--action" in sys.argv and sys.argv[sys.argv.index("--action") + 1] == "stop":
+        address, key = proxy_address()
         try:
-            with Client(*proxy_address()) as c:
+            with Client(address, authkey=key) as c:
                 c.send(("stop",))
         except (ConnectionRefusedError, EOFError, OSError):
             pass

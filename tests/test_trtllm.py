@@ -1,0 +1,195 @@
+"""The TensorRT-LLM engine against the test double of its recorded API (tests/trtllm_double): the adapter in
+process, the double's own contract, and `hpc launch` of TensorRT-LLM workers of 2 MPI ranks across nodes on the
+local Slurm cluster (trtllm-llmapi-launch under srun --mpi=pmix)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from engines.base import EngineError, EngineRequest, SamplingParams
+
+REPO = Path(__file__).resolve().parent.parent
+DOUBLE = REPO / "tests" / "trtllm_double"
+CHAT = [{"role": "user", "content": "Tell me a story about a dragon."}]
+HPC = [sys.executable, "-m", "hpc"]
+
+sys.path.insert(0, str(DOUBLE))  # `import tensorrt_llm` finds the double in this process
+
+
+def engine(model: Path, **extra):
+    from engines.trtllm.engine import TrtllmEngine
+
+    return TrtllmEngine(str(model), {"max_seq_len": 1024, "cache_transceiver_config": {"backend": "NIXL"}, **extra})
+
+
+async def collect(outputs) -> list[int]:
+    return [t async for o in outputs for t in o.token_ids]
+
+
+def test_double_refuses_calls_off_the_recorded_surface(tiny_model):
+    import tensorrt_llm
+    from tensorrt_llm.llmapi import DisaggregatedParams
+
+    from engines.trtllm.args import recorded
+
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_num_token'"):
+        tensorrt_llm.LLM(model=str(tiny_model), max_num_token=8)
+    with pytest.raises(TypeError, match="missing required argument 'model'"):
+        tensorrt_llm.LLM(tensor_parallel_size=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_new_tokens'"):
+        tensorrt_llm.SamplingParams(max_new_tokens=4)
+    with pytest.raises(ValueError, match="Unknown request type"):
+        DisaggregatedParams(request_type="prefill")
+    fields = list(DisaggregatedParams.__dataclass_fields__)
+    assert fields == recorded()["DisaggregatedParams"]["fields"]
+
+    async def submit_with_a_wrong_name():
+        llm = tensorrt_llm.LLM(model=str(tiny_model))
+        try:
+            with pytest.raises(TypeError, match="unexpected keyword argument 'stream'"):
+                llm.generate_async([1, 2], stream=True)
+        finally:
+            llm.shutdown()
+
+    asyncio.run(submit_with_a_wrong_name())
+
+
+def test_adapter_disaggregated_equals_aggregated_and_cancels(tiny_model):
+    async def run():
+        loop = asyncio.get_running_loop()
+        agg, prefill, decode = engine(tiny_model), engine(tiny_model), engine(tiny_model)
+        for e in (agg, prefill, decode):
+            e.start(loop)
+        try:
+            prompt, sampling = list(range(3, 40)), SamplingParams(max_tokens=12)
+            whole = await collect(agg.generate(EngineRequest("a", prompt, sampling)))
+            first = await prefill.prefill(EngineRequest("b", prompt, sampling))
+            assert first.finish_reason is None and first.handoff and first.block_ids == []
+            rest = await collect(decode.decode_handoff(EngineRequest("b", prompt, sampling), first.handoff))
+            assert [first.first_token] + rest == whole and len(whole) == 12
+            # The handoff is spent: TensorRT-LLM's transceiver released the context KV once read.
+            again = await collect(decode.decode_handoff(EngineRequest("c", prompt, sampling), first.handoff))
+            assert again == []
+            # A consumer that leaves mid-stream aborts the request in the engine.
+            stream = agg.generate(EngineRequest("d", prompt, SamplingParams(max_tokens=500)))
+            await stream.__anext__()
+            await stream.aclose()
+            assert agg._active == {}
+            # A prompt over max_seq_len is refused on submit, as TensorRT-LLM does.
+            with pytest.raises(EngineError, match="max_seq_len"):
+                agg.generate(EngineRequest("e", list(range(2000)), sampling))
+        finally:
+            for e in (agg, prefill, decode):
+                e.shutdown()
+
+    asyncio.run(run())
+
+
+def test_stats_come_from_iteration_stats(tiny_model):
+    async def run():
+        e = engine(tiny_model)
+        e.start(asyncio.get_running_loop())
+        try:
+            await asyncio.sleep(0.2)
+            s = e.stats()
+            assert s.kv_blocks_total == 1024 and s.kv_blocks_free == 1024 and s.running == 0
+        finally:
+            e.shutdown()
+
+    asyncio.run(run())
+
+
+# ---- on the local Slurm cluster ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def env(cluster, tiny_model):
+    e = {**cluster.env(), "HPC_MODEL_DIR": str(tiny_model), "PYTHONUNBUFFERED": "1",
+         # The double and its trtllm-llmapi-launch on every node; python3 is this venv's, as in a container.
+         "PATH": f"{Path(sys.executable).parent}:{DOUBLE / 'bin'}:{os.environ['PATH']}",
+         "PYTHONPATH": str(DOUBLE), "TRTLLM_DOUBLE_STEP_MS": "20"}
+    e.pop("SLURM_JOB_ID", None)
+    return e
+
+
+def hpc(args, env, check=True, timeout=240):
+    out = subprocess.run(HPC + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check:
+        assert out.returncode == 0, f"hpc {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+def squeue(env) -> list[str]:
+    return subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True, timeout=10).stdout.split()
+
+
+def double_answer(tiny_model: Path, max_tokens: int) -> str:
+    """The double's aggregated answer to CHAT, in one process."""
+    from frontend.preprocess import ModelFiles
+
+    files = ModelFiles(tiny_model)
+    ids = files.encode(files.render_chat(CHAT))
+
+    async def run():
+        e = engine(tiny_model)
+        e.start(asyncio.get_running_loop())
+        try:
+            return await collect(e.generate(EngineRequest("ref", ids, SamplingParams(max_tokens=max_tokens))))
+        finally:
+            e.shutdown()
+
+    return files.detokenizer().add(asyncio.run(run()))
+
+
+def test_launch_trtllm_workers_of_two_ranks_across_nodes(env, tiny_model):
+    out = hpc(["launch", "configs/tiny-trtllm.yaml", "--nodes", "3", "--port", "0", "--detach"], env).stdout
+    try:
+        assert re.search(r"prefill-0\s+n1,n2 \(2 ranks GPUs 0\)", out) and re.search(r"decode-0\s+n1,n2", out), out
+        state = json.loads((REPO / ".hpc" / "tiny-trtllm.json").read_text())
+        client = openai.OpenAI(base_url=f"{state['frontend_url']}/v1", api_key="unused", timeout=60, max_retries=0)
+        chunks = client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=10, temperature=0,
+                                                stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == double_answer(tiny_model, 10)
+        logs = {n: hpc(["logs", n, "--deployment", "tiny-trtllm"], env).stdout for n in ("prefill-0", "decode-0")}
+        for log in logs.values():  # rank 0 serves; rank 1 ran TensorRT-LLM's MPI worker and took part
+            assert "loaded" in log and "on 2 rank(s)" in log
+        assert "KV sent to the generation side; released" in logs["prefill-0"]
+
+        # Cancelling mid-stream aborts the generation on the decode worker.
+        stream = client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=400, temperature=0,
+                                                stream=True)
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        stream.close()
+        deadline = time.monotonic() + 10
+        while "aborted" not in hpc(["logs", "decode-0", "--deployment", "tiny-trtllm"], env).stdout:
+            assert time.monotonic() < deadline, "decode-0 never aborted the cancelled request"
+            time.sleep(0.2)
+    finally:
+        hpc(["stop", "tiny-trtllm"], env)
+    assert squeue(env) == []
+
+
+def test_load_failure_on_rank_one_ends_the_launch_with_its_error(env):
+    t0 = time.monotonic()
+    out = hpc(["launch", "configs/tiny-trtllm.yaml", "--nodes", "3", "--port", "0", "--detach"],
+              {**env, "TRTLLM_DOUBLE_FAIL_RANK": "1"}, check=False)
+    took = time.monotonic() - t0
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    line = [ln for ln in out.stderr.splitlines() if "failed:" in ln]
+    assert line and "rank 1: RuntimeError: CUDA out of memory" in line[0], out.stderr
+    assert took < 90
+    deadline = time.monotonic() + 20
+    while squeue(env) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert squeue(env) == []
