@@ -50,3 +50,20 @@ def start_worker(log_dir: Path, role: str, model: Path, etcd: str, nats: str, de
     with open(log, "wb") as out:
         popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     return WorkerProc(popen, log, worker_id)
+
+
+HPC = [sys.executable, "-m", "hpc"]
+
+
+def hpc(args: list[str], env: dict, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
+    """The `hpc` CLI as a user runs it, from the repository root."""
+    out = subprocess.run(HPC + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check:
+        assert out.returncode == 0, f"hpc {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+def squeue(env: dict, steps: bool = False) -> list[str]:
+    out = subprocess.run(["squeue", "-h"] + (["--steps"] if steps else []), env=env, capture_output=True,
+                         text=True, timeout=10)
+    return out.stdout.split("\n")[:-1]

@@ -15,11 +15,11 @@ from pathlib import Path
 import openai
 import pytest
 
+from harness import hpc, squeue
 from hpc.config import load_deployment
 from hpc.plan import Allocation, PlanError, plan
 
 REPO = Path(__file__).resolve().parent.parent
-HPC = [sys.executable, "-m", "hpc"]
 CHAT = [{"role": "user", "content": "Tell me a story about a dragon."}]
 
 
@@ -28,19 +28,6 @@ def env(cluster, tiny_model, work_dir):
     e = {**cluster.env(), "HPC_MODEL_DIR": str(tiny_model), "PYTHONUNBUFFERED": "1"}
     e.pop("SLURM_JOB_ID", None)
     return e
-
-
-def hpc(args: list[str], env: dict, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(HPC + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if check:
-        assert out.returncode == 0, f"hpc {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
-    return out
-
-
-def squeue(env: dict, steps: bool = False) -> list[str]:
-    out = subprocess.run(["squeue", "-h"] + (["--steps"] if steps else []), env=env, capture_output=True,
-                         text=True, timeout=10)
-    return out.stdout.split("\n")[:-1]
 
 
 def our_processes(marker: str) -> list[str]:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,11 +16,11 @@ import openai
 import pytest
 
 from engines.base import EngineError, EngineRequest, SamplingParams
+from harness import hpc, squeue
 
 REPO = Path(__file__).resolve().parent.parent
 DOUBLE = REPO / "tests" / "trtllm_double"
 CHAT = [{"role": "user", "content": "Tell me a story about a dragon."}]
-HPC = [sys.executable, "-m", "hpc"]
 
 sys.path.insert(0, str(DOUBLE))  # `import tensorrt_llm` finds the double in this process
 
@@ -120,17 +119,6 @@ def env(cluster, tiny_model):
     return e
 
 
-def hpc(args, env, check=True, timeout=240):
-    out = subprocess.run(HPC + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if check:
-        assert out.returncode == 0, f"hpc {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
-    return out
-
-
-def squeue(env) -> list[str]:
-    return subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True, timeout=10).stdout.split()
-
-
 def double_answer(tiny_model: Path, max_tokens: int) -> str:
     """The double's aggregated answer to CHAT, in one process."""
     from frontend.preprocess import ModelFiles
@@ -150,7 +138,8 @@ def double_answer(tiny_model: Path, max_tokens: int) -> str:
 
 
 def test_launch_trtllm_workers_of_two_ranks_across_nodes(env, tiny_model):
-    out = hpc(["launch", "configs/tiny-trtllm.yaml", "--nodes", "3", "--port", "0", "--detach"], env).stdout
+    out = hpc(["launch", "configs/tiny-trtllm.yaml", "--nodes", "3", "--port", "0", "--detach"], env,
+              timeout=240).stdout
     try:
         assert re.search(r"prefill-0\s+n1,n2 \(2 ranks GPUs 0\)", out) and re.search(r"decode-0\s+n1,n2", out), out
         state = json.loads((REPO / ".hpc" / "tiny-trtllm.json").read_text())
@@ -193,3 +182,19 @@ def test_load_failure_on_rank_one_ends_the_launch_with_its_error(env):
     while squeue(env) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert squeue(env) == []
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_engine_yaml_becomes_llm_arguments_the_recorded_api_accepts(config, monkeypatch):
+    from tensorrt_llm._recorded import api, bind
+
+    from engines.trtllm.args import llm_kwargs
+    from hpc.config import load_deployment
+
+    monkeypatch.setenv("HPC_MODEL_DIR", "/models/tiny")
+    dep = load_deployment(config)
+    for role, spec in dep.workers.items():
+        if spec.engine == "trtllm":
+            kwargs = llm_kwargs(dep.engine_config(role).model_dump(exclude_unset=True))
+            bind("LLM.__init__", api()["LLM"]["__init__"], (), {"model": dep.model.path, **kwargs},
+                 extra=api()["LLM"]["llm_args"])
