@@ -152,6 +152,10 @@ def test_launch_trtllm_workers_of_two_ranks_across_nodes(env, tiny_model):
         for log in logs.values():  # rank 0 serves; rank 1 ran TensorRT-LLM's MPI worker and took part
             assert "loaded" in log and "on 2 rank(s)" in log
         assert "KV sent to the generation side; released" in logs["prefill-0"]
+        # A prompt TensorRT-LLM refuses is that request's 400, with TensorRT-LLM's reason.
+        with pytest.raises(openai.BadRequestError, match="max_seq_len"):
+            client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "dragon " * 1500}],
+                                           max_tokens=4)
 
         # Cancelling mid-stream aborts the generation on the decode worker.
         stream = client.chat.completions.create(model="tiny-llama", messages=CHAT, max_tokens=400, temperature=0,
