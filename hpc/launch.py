@@ -198,9 +198,16 @@ class Launcher:
         return http_ok(f"{self.state.frontend_url}/health")
 
 
-def _error_line(log: Path) -> str | None:
-    """The last `error: ...` line a component wrote (its own one-line reason for stopping), if any."""
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
+def _error_line(log: Path, tail_bytes: int = 65536) -> str | None:
+    """The `error: ...` line a component writes as it gives up (its last words, so only the log's tail is read:
+    a TensorRT-LLM load can log megabytes while we poll)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - tail_bytes))
+            text = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return None
+    lines = [line for line in text.splitlines() if line.startswith("error: ")]
     return lines[-1].removeprefix("error: ") if lines else None
 
 

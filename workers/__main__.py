@@ -16,9 +16,9 @@ from engines.base import EngineError
 from hpc.config import EngineConfig, load_deployment, load_engine_config
 from hpc.errors import HpcError
 from workers.engines import build_engine
+from workers.worker import Worker, WorkerOptions
 
 TRTLLM_WORLD_SIZE_ENV = "tllm_mpi_size"  # set by trtllm-llmapi-launch for rank 0's command
-from workers.worker import Worker, WorkerOptions
 
 
 def parse(argv=None) -> WorkerOptions:
