@@ -62,6 +62,7 @@ class TokenOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    cached_tokens: int = 0  # set on a request's first output: prompt tokens the prefix cache held
 
 
 @dataclass
@@ -71,6 +72,7 @@ class PrefillOutput:
     block_ids: list[int]
     num_tokens: int  # tokens whose KV the blocks hold (the prompt)
     handoff: bytes | None = None  # engines that move their own KV: what their decode side needs (opaque)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass

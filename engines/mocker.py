@@ -124,7 +124,8 @@ class MockerEngine:
             return "stop"
         return "length" if generated >= p.max_tokens else None
 
-    async def _compute_prefill(self, req: EngineRequest, blocks: list[int]) -> None:
+    async def _compute_prefill(self, req: EngineRequest, blocks: list[int]) -> int:
+        """Simulated prefill; returns the prompt tokens the prefix cache held."""
         self._waiting += 1
         try:
             async with self._prefill_lock:
@@ -140,15 +141,16 @@ class MockerEngine:
                     self._prefix.add(hashes)
                 self._prompt_tokens += n
                 self._reused_tokens += reused
+                return reused
         finally:
             self._waiting -= 1
 
-    async def _first_token(self, req: EngineRequest, reserve_tokens: int) -> tuple[int, str | None, list[int]]:
+    async def _first_token(self, req: EngineRequest, reserve_tokens: int) -> tuple[int, str | None, list[int], int]:
         """Prefill, then the first token; the blocks are freed again if that token already ends the request."""
         self._check(req)
         blocks = self._alloc.allocate(req.request_id, blocks_for(reserve_tokens, self.o.block_size))
         try:
-            await self._compute_prefill(req, blocks)
+            cached = await self._compute_prefill(req, blocks)
         except BaseException:
             self._alloc.free_owner(req.request_id)
             raise
@@ -157,14 +159,14 @@ class MockerEngine:
         reason = self._reason(req, first, 1)
         if reason:
             self._alloc.free_owner(req.request_id)
-        return first, reason, blocks
+        return first, reason, blocks, cached
 
     async def prefill(self, req: EngineRequest) -> PrefillOutput:
-        first, reason, blocks = await self._first_token(req, len(req.prompt))
+        first, reason, blocks, cached = await self._first_token(req, len(req.prompt))
         if reason:
-            return PrefillOutput(first, reason, [], len(req.prompt))
+            return PrefillOutput(first, reason, [], len(req.prompt), cached_tokens=cached)
         self._held.add(req.request_id)
-        return PrefillOutput(first, None, blocks, len(req.prompt))
+        return PrefillOutput(first, None, blocks, len(req.prompt), cached_tokens=cached)
 
     def allocate(self, request_id: str, num_tokens: int, max_new_tokens: int) -> list[int]:
         return self._alloc.allocate(request_id, blocks_for(num_tokens + max_new_tokens, self.o.block_size))
@@ -180,11 +182,11 @@ class MockerEngine:
             r.queue.put_nowait(TokenOutput([], "cancelled"))
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]:
-        first, reason, _ = await self._first_token(req, len(req.prompt) + req.sampling.max_tokens)
+        first, reason, _, cached = await self._first_token(req, len(req.prompt) + req.sampling.max_tokens)
         if reason:
-            yield TokenOutput([first], reason)
+            yield TokenOutput([first], reason, cached_tokens=cached)
             return
-        yield TokenOutput([first])
+        yield TokenOutput([first], cached_tokens=cached)
         async for out in self._decode_stream(req, len(req.prompt) + 1, 1):
             yield out
 

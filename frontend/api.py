@@ -22,6 +22,8 @@ class ApiError(Exception):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    # vLLM's extension: usage (completion tokens so far) on every chunk, so a client times tokens, not text.
+    continuous_usage_stats: bool = False
 
 
 class Common(BaseModel):

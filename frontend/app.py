@@ -92,29 +92,32 @@ class Frontend:
 
     # ---- generation --------------------------------------------------------------------------------------------
     async def events(self, req: Common, prompt: list[int], files: ModelFiles, max_tokens: int,
-                     started: float) -> AsyncIterator[tuple[str, str | None, int]]:
-        """(text delta, finish reason or None, completion tokens so far)."""
+                     started: float) -> AsyncIterator[tuple[str, str | None, int, int]]:
+        """(text delta, finish reason or None, completion tokens so far, prompt tokens from the prefix cache).
+        With continuous usage stats every token batch is an event, even one whose text is still empty."""
+        every_token = bool(req.stream and req.stream_options and req.stream_options.continuous_usage_stats)
         sampling = Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                             seed=req.seed, ignore_eos=req.ignore_eos)
         detok, stops = files.detokenizer(), StopStrings(req.stop_list())
         stream = self.client.generate(req.model, prompt, sampling)
-        count, last = 0, None
+        count, cached, last = 0, 0, None
         try:
             async for delta in stream:
                 now = time.perf_counter()
                 (self.metrics.ttft if last is None else self.metrics.itl).observe(now - (last or started))
                 last = now
                 count += len(delta.token_ids)
+                cached += delta.cached_tokens
                 text = detok.add(delta.token_ids) + (detok.flush() if delta.finish_reason else "")
                 text, hit = stops.feed(text)
                 if hit:
-                    yield text, "stop", count
+                    yield text, "stop", count, cached
                     return
                 if delta.finish_reason:
-                    yield text + stops.flush(), "length" if delta.finish_reason == "length" else "stop", count
+                    yield text + stops.flush(), "length" if delta.finish_reason == "length" else "stop", count, cached
                     return
-                if text:
-                    yield text, None, count
+                if text or every_token:
+                    yield text, None, count, cached
         finally:
             await stream.aclose()  # stops the work on the workers if we leave early (stop string, disconnect)
 

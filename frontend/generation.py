@@ -118,8 +118,9 @@ class Chunks:
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.model, self.created, self.prompt_tokens = req.model, int(time.time()), prompt_tokens
 
-    def usage(self, n: int) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+    def usage(self, n: int, cached: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _event(self, choices: list, **extra) -> bytes:
         body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -130,22 +131,22 @@ class Chunks:
         return self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                              "logprobs": None}])
 
-    def delta(self, text: str, reason: str | None) -> bytes:
+    def delta(self, text: str, reason: str | None, usage: dict | None = None) -> bytes:
         if self.chat:
             choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": reason,
                       "logprobs": None}
         else:
             choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-        return self._event([choice])
+        return self._event([choice], **({"usage": usage} if usage else {}))
 
-    def final_usage(self, n: int) -> bytes:
-        return self._event([], usage=self.usage(n))
+    def final_usage(self, n: int, cached: int) -> bytes:
+        return self._event([], usage=self.usage(n, cached))
 
-    def whole(self, text: str, reason: str | None, n: int) -> dict:
+    def whole(self, text: str, reason: str | None, n: int, cached: int) -> dict:
         choice = {"index": 0, "finish_reason": reason, "logprobs": None}
         choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice], "usage": self.usage(n)}
+                "created": self.created, "model": self.model, "choices": [choice], "usage": self.usage(n, cached)}
 
 
 class DisconnectWatch:
@@ -247,28 +248,31 @@ class GenerationApp:
             await events.aclose()  # stops the work on the workers if we leave early
 
     async def whole(self, send, chunks: Chunks, first: tuple, events: AsyncIterator) -> None:
-        text, reason, n = first
+        text, reason, n, cached = first
         try:
-            async for more, reason, n in events:
+            async for more, reason, n, cached in events:
                 text += more
         except Exception as e:
             return await self.fail(send, to_api_error(e))
         self.fe.metrics.requests.labels("200").inc()
-        await send_json(send, 200, chunks.whole(text, reason, n))
+        await send_json(send, 200, chunks.whole(text, reason, n, cached))
 
     async def sse(self, req: Common, chunks: Chunks, first: tuple, events: AsyncIterator) -> AsyncIterator[bytes]:
-        text, reason, n = first
-        yield (chunks.role() if chunks.chat else b"") + chunks.delta(text, reason)
+        opts = req.stream_options
+        continuous = bool(opts and opts.continuous_usage_stats)
+        text, reason, n, cached = first
+        yield (chunks.role() if chunks.chat else b"") + chunks.delta(text, reason,
+                                                                      chunks.usage(n, cached) if continuous else None)
         try:
-            async for text, reason, n in events:
-                yield chunks.delta(text, reason)
+            async for text, reason, n, cached in events:
+                yield chunks.delta(text, reason, chunks.usage(n, cached) if continuous else None)
         except Exception as e:  # after the first token: report in the stream, never hang it
             err = to_api_error(e)
             self.fe.metrics.requests.labels(str(err.status)).inc()
             yield sse_event({"error": {"message": err.message, "type": err.type, "code": err.status}})
         else:
-            if req.stream_options and req.stream_options.include_usage:
-                yield chunks.final_usage(n)
+            if opts and opts.include_usage:
+                yield chunks.final_usage(n, cached)
             self.fe.metrics.requests.labels("200").inc()
         yield b"data: [DONE]\n\n"
 

@@ -1,8 +1,13 @@
 """`hpc bench`: a streaming load generator for an OpenAI-compatible server.
 
 Prompts are exactly `isl` random token ids of the model's vocabulary, sent as a token array to /v1/completions
-with `ignore_eos`, so every request produces exactly `osl` tokens. Measures TTFT, ITL, end-to-end latency
-(p50/p90/p99), output tokens/s and requests/s at each concurrency."""
+with `ignore_eos`, so every request produces exactly `osl` tokens. Measures TTFT, ITL, TPOT, end-to-end latency
+(p50/p90/p99), output tokens/s (per GPU too), requests/s and goodput at each concurrency.
+
+Tokens, not text: the request asks for usage on every chunk (`stream_options.continuous_usage_stats`, as vLLM and
+hpc's frontend serve it), so TTFT is the arrival of the first generated token and ITL the gap between chunks that
+carry tokens, whatever their text. A server that does not send it is timed by text, and the row says so
+(`timing: text`). A request that produced no token is an error, never a 0 ms sample."""
 
 from __future__ import annotations
 
@@ -20,11 +25,19 @@ from hpc.errors import HpcError
 
 @dataclass
 class Result:
-    ttft: float = 0.0
+    ttft: float | None = None  # None until a token arrives; a finished request without one is an error
     itl: list[float] = field(default_factory=list)
     e2e: float = 0.0
     output_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server's prefix cache held (usage.prompt_tokens_details)
+    timing: str = "tokens"  # "tokens": from usage on every chunk; "text": the server sent none
     error: str | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first (what vLLM and SGLang report as TPOT)."""
+        return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -74,8 +87,8 @@ def session(concurrency: int, timeout: float) -> aiohttp.ClientSession:
 
 async def one(client: aiohttp.ClientSession, url: str, model: str, prompt: list[int], osl: int) -> Result:
     body = {"model": model, "prompt": prompt, "max_tokens": osl, "stream": True, "ignore_eos": True,
-            "temperature": 0.0, "stream_options": {"include_usage": True}}
-    res, t0 = Result(), time.perf_counter()
+            "temperature": 0.0, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    res, t0 = Result(prompt_tokens=len(prompt)), time.perf_counter()
     last = None
     try:
         async with client.post(f"{url}/v1/completions", json=body) as r:
@@ -85,22 +98,34 @@ async def one(client: aiohttp.ClientSession, url: str, model: str, prompt: list[
             async for line in r.content:  # line by line
                 if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                     continue
+                now = time.perf_counter()
                 msg = json.loads(line[6:])
                 if "error" in msg:
                     res.error = msg["error"]["message"]
                     return res
-                if msg.get("usage"):
-                    res.output_tokens = msg["usage"]["completion_tokens"]
-                if msg.get("choices") and msg["choices"][0].get("text"):
-                    now = time.perf_counter()
+                usage, choices = msg.get("usage"), msg.get("choices")
+                if usage:
+                    res.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                if not choices:  # the final usage-only chunk
+                    res.output_tokens = usage["completion_tokens"] if usage else res.output_tokens
+                    continue
+                if usage:  # tokens so far: a chunk with more of them is a token arrival
+                    arrived = usage["completion_tokens"] > res.output_tokens
+                    res.output_tokens = usage["completion_tokens"]
+                else:
+                    res.timing = "text"
+                    arrived = bool(choices[0].get("text"))
+                if arrived:
                     if last is None:
                         res.ttft = now - t0
                     else:
                         res.itl.append(now - last)
                     last = now
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as e:
         res.error = f"{type(e).__name__}: {str(e) or 'no detail'}"
     res.e2e = time.perf_counter() - t0
+    if res.error is None and (res.ttft is None or (res.timing == "tokens" and res.output_tokens == 0)):
+        res.error = "the stream ended without a generated token"
     return res
 
 
@@ -119,15 +144,36 @@ async def level(url: str, model: str, prompts: list[list[int]], osl: int, concur
         return results, time.perf_counter() - t0
 
 
-def summarize(concurrency: int, results: list[Result], wall: float) -> dict:
+@dataclass(frozen=True)
+class Slo:
+    """Service-level limits for goodput: a request is good when its TTFT and its TPOT (mean time per output token
+    after the first) are both within them. None: no limit on that one."""
+
+    ttft_ms: float | None = None
+    itl_ms: float | None = None
+
+    def met(self, r: Result) -> bool:
+        tpot = r.tpot
+        return ((self.ttft_ms is None or 1000 * r.ttft <= self.ttft_ms)
+                and (self.itl_ms is None or tpot is None or 1000 * tpot <= self.itl_ms))
+
+
+def summarize(concurrency: int, results: list[Result], wall: float, gpus: int = 0, slo: Slo = Slo()) -> dict:
     ok = [r for r in results if r.error is None]
     ms = lambda xs, p: round(1000 * percentile(xs, p), 2)  # noqa: E731
     ttft, e2e = [r.ttft for r in ok], [r.e2e for r in ok]
-    itl = [x for r in ok for x in r.itl]  # between streamed chunks; a chunk may carry several tokens
-    # Time per output token after the first, per request: what vLLM and SGLang report as TPOT.
-    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    itl = [x for r in ok for x in r.itl]  # between chunks that carry tokens; a chunk may carry several
+    tpot = [r.tpot for r in ok if r.tpot is not None]
+    output = sum(r.output_tokens for r in ok)
+    prompt = sum(r.prompt_tokens for r in ok)
     row = {"concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
-           "output_tok_s": round(sum(r.output_tokens for r in ok) / wall, 1), "req_s": round(len(ok) / wall, 2)}
+           "output_tok_s": round(output / wall, 1), "req_s": round(len(ok) / wall, 2), "gpus": gpus,
+           "output_tok_s_per_gpu": round(output / wall / gpus, 1) if gpus else None,
+           "goodput_req_s": round(sum(slo.met(r) for r in ok) / wall, 2), "slo_ttft_ms": slo.ttft_ms,
+           "slo_itl_ms": slo.itl_ms, "prompt_tokens": prompt, "cached_tokens": sum(r.cached_tokens for r in ok),
+           "reused_share": round(sum(r.cached_tokens for r in ok) / prompt, 4) if prompt else 0.0,
+           "timing": "text" if any(r.timing == "text" for r in ok) else "tokens",
+           "ttft_min_ms": round(1000 * min(ttft), 3) if ttft else None}
     for name, xs in (("ttft", ttft), ("itl", itl), ("tpot", tpot), ("e2e", e2e)):
         for p in (50, 90, 99):
             row[f"{name}_p{p}_ms"] = ms(xs, p)
@@ -141,7 +187,24 @@ def make_prompts(n: int, isl: int, first: int, vocab: int, seed: int = 0) -> lis
     return [[rng.randrange(first, vocab) for _ in range(isl)] for _ in range(n)]
 
 
-def plot(rows: list[dict], path: Path, gpus: int) -> None:
+def series(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows grouped into one line per variant (its label: every swept axis but the concurrency), each line's
+    points in order of throughput."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r.get("variant") or "this run", []).append(r)
+    return {label: sorted(pts, key=lambda r: r["concurrency"]) for label, pts in out.items()}
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both throughput (higher) and TTFT (lower), by throughput."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and q != p for q in points)]
+    return sorted(set(front))
+
+
+def plot(rows: list[dict], path: Path, title: str, svg: bool = False) -> dict[str, list[tuple[float, float]]]:
+    """TTFT p50 (top) and p99 (bottom) against output tokens/s per GPU, one line per variant, concurrency on each
+    point, the Pareto frontier of the p50 panel dashed. Returns what it drew: {label: [(x, p50)]}."""
     try:
         import matplotlib
 
@@ -149,14 +212,90 @@ def plot(rows: list[dict], path: Path, gpus: int) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise HpcError("--plot needs matplotlib (pip install matplotlib)") from None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    x = [r["output_tok_s"] / max(gpus, 1) for r in rows]
-    y = [r["ttft_p50_ms"] for r in rows]
-    ax.plot(x, y, marker="o")
-    for r, xi, yi in zip(rows, x, y):
-        ax.annotate(f"c={r['concurrency']}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("output tokens/s per GPU" if gpus else "output tokens/s")
-    ax.set_ylabel("TTFT p50 (ms)")
-    ax.grid(alpha=0.3)
+    per_gpu = all(r.get("output_tok_s_per_gpu") for r in rows)
+    xkey = "output_tok_s_per_gpu" if per_gpu else "output_tok_s"
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    drawn = {}
+    for label, pts in series(rows).items():
+        x = [r[xkey] for r in pts]
+        for ax, key in ((top, "ttft_p50_ms"), (bottom, "ttft_p99_ms")):
+            y = [r[key] for r in pts]
+            line, = ax.plot(x, y, marker="o", label=label)
+            for r, xi, yi in zip(pts, x, y):
+                ax.annotate(f"c={r['concurrency']}", (xi, yi), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7, color=line.get_color())
+        drawn[label] = list(zip(x, [r["ttft_p50_ms"] for r in pts]))
+    front = pareto([p for pts in drawn.values() for p in pts])
+    if len(front) > 1:
+        top.plot(*zip(*front), color="gray", linewidth=6, alpha=0.3, zorder=0, label="Pareto frontier")
+    top.set_ylabel("TTFT p50 (ms)")
+    bottom.set_ylabel("TTFT p99 (ms)")
+    bottom.set_xlabel("output tokens/s per GPU" if per_gpu else "output tokens/s (GPU count unknown)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=8, loc="best")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    if svg:
+        fig.savefig(Path(path).with_suffix(".svg"))
+    plt.close(fig)
+    return drawn
+
+
+def _stats(values: list[float], unit: str) -> dict:
+    """One metric in aiperf's profile_export_aiperf.json shape."""
+    if not values:
+        return {"unit": unit, "avg": None}
+    avg = sum(values) / len(values)
+    out = {"unit": unit, "avg": avg}
+    for p in (1, 5, 10, 25, 50, 75, 90, 95, 99):
+        out[f"p{p}"] = percentile(values, p)
+    out.update(min=min(values), max=max(values),
+               std=(sum((v - avg) ** 2 for v in values) / len(values)) ** 0.5)
+    return out
+
+
+def export_aiperf(directory: Path, results: list[Result], wall: float, concurrency: int, model: str, url: str,
+                  command: str) -> Path:
+    """One concurrency level as aiperf writes a run: profile_export.jsonl (a record per request) and
+    profile_export_aiperf.json (aggregates), with aiperf's field names where the metrics are the same."""
+    d = directory / f"concurrency_{concurrency}"
+    d.mkdir(parents=True, exist_ok=True)
+    ok = [r for r in results if r.error is None]
+    with open(d / "profile_export.jsonl", "w") as f:
+        for i, r in enumerate(results):
+            metrics = None if r.error else {
+                "input_sequence_length": {"value": r.prompt_tokens, "unit": "tokens"},
+                "time_to_first_token": {"value": 1000 * r.ttft, "unit": "ms"},
+                "request_latency": {"value": 1000 * r.e2e, "unit": "ms"},
+                "output_sequence_length": {"value": r.output_tokens, "unit": "tokens"},
+                "inter_chunk_latency": {"value": [1000 * x for x in r.itl], "unit": "ms"},
+                **({"inter_token_latency": {"value": 1000 * r.tpot, "unit": "ms"}} if r.tpot is not None else {})}
+            error = {"code": None, "type": "RequestError", "message": r.error} if r.error else None
+            f.write(json.dumps({"metadata": {"session_num": i, "benchmark_phase": "profiling"},
+                                "metrics": metrics, "error": error}) + "\n")
+    errors: dict[str, int] = {}
+    for r in results:
+        if r.error:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    aggregate = {
+        "request_throughput": {"unit": "requests/sec", "avg": len(ok) / wall},
+        "request_latency": _stats([1000 * r.e2e for r in ok], "ms"),
+        "time_to_first_token": _stats([1000 * r.ttft for r in ok], "ms"),
+        "inter_token_latency": _stats([1000 * r.tpot for r in ok if r.tpot is not None], "ms"),
+        "output_token_throughput": {"unit": "tokens/sec", "avg": sum(r.output_tokens for r in ok) / wall},
+        "output_sequence_length": _stats([float(r.output_tokens) for r in ok], "tokens"),
+        "input_sequence_length": _stats([float(r.prompt_tokens) for r in ok], "tokens"),
+        "benchmark_duration": {"unit": "sec", "avg": wall},
+        "request_count": {"unit": "requests", "avg": float(len(results))},
+        "error_request_count": {"unit": "requests", "avg": float(len(results) - len(ok))} if errors else None,
+        "error_summary": [{"error_details": {"code": None, "type": "RequestError", "message": m}, "count": n}
+                          for m, n in errors.items()],
+        "input_config": {"endpoint": {"model_names": [model], "type": "completions", "streaming": True, "url": url},
+                         "loadgen": {"concurrency": concurrency, "request_count": len(results)},
+                         "cli_command": command},
+    }
+    out = d / "profile_export_aiperf.json"
+    out.write_text(json.dumps(aggregate, indent=2))
+    return out

@@ -83,6 +83,12 @@ def needed_gpus(dep: Deployment) -> int:
     return sum(s.replicas * s.gpus_per_worker for r, s in dep.workers.items() if uses_gpus(dep, r))
 
 
+def worker_gpus(dep: Deployment) -> int:
+    """The GPUs the workers are written for (replicas x TP x PP per role), the denominator of throughput per GPU.
+    Mocker and CPU workers count as the GPUs they stand in for."""
+    return sum(s.replicas * s.gpus_per_worker for _, s in dep.workers.items())
+
+
 def plan(dep: Deployment, alloc: Allocation, config_path: str, state_dir: str,
          frontend_port: int | None = None) -> Plan:
     nodes, gpn = list(alloc.nodes), alloc.gpus_per_node

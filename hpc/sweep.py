@@ -9,6 +9,7 @@ job array (each task launches its variant, runs `hpc bench`, writes results/<swe
       engine.prefill.max_num_tokens: [256, 1024]   # a field of that role's engine YAML
       bench.concurrency: [1, 8]
     bench: {isl: 1000, osl: 100, requests: 32}
+    slo: {ttft_ms: 500, itl_ms: 50}   # goodput: requests within both limits
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hpc.config import ConfigError, load_deployment, parse_model, read_yaml
 from hpc.errors import HpcError
+from hpc.plan import worker_gpus
 
 
 class BenchSpec(BaseModel):
@@ -30,6 +32,12 @@ class BenchSpec(BaseModel):
     osl: int = Field(100, ge=1)
     concurrency: str = "1,8"
     requests: int = Field(16, ge=1)
+
+
+class SloSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttft_ms: float | None = Field(None, gt=0)
+    itl_ms: float | None = Field(None, gt=0)
 
 
 class Sweep(BaseModel):
@@ -43,6 +51,7 @@ class Sweep(BaseModel):
     account: str | None = None
     axes: dict[str, list] = {}
     bench: BenchSpec = BenchSpec()
+    slo: SloSpec = SloSpec()
 
 
 def load_sweep(path: Path) -> Sweep:
@@ -99,21 +108,28 @@ def variants(sweep: Sweep, sweep_path: Path, out: Path) -> list[dict]:
         model_path = Path(base.model.path)
         tree["model"]["path"] = str(model_path if model_path.is_absolute() else model_path.resolve())
         (d / "deployment.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-        load_deployment(d / "deployment.yaml")  # a variant that does not validate fails here, not in the job
+        variant = load_deployment(d / "deployment.yaml")  # a variant that does not validate fails here
         (d / "name").write_text(name)
         for k in ("isl", "osl", "concurrency", "requests"):
             (d / k).write_text(str(bench[k]))
+        (d / "gpus").write_text(str(worker_gpus(variant)))
+        (d / "bench_args").write_text(" ".join(
+            f"--slo-{k.replace('_', '-')} {v}" for k, v in sweep.slo.model_dump().items() if v is not None))
         (d / "point.json").write_text(json.dumps(point))
     return points
 
 
 def report_rows(results: Path) -> list[dict]:
+    """Every task's rows, with its point of the sweep and `variant`: the point less the concurrency, as a label
+    (the tasks that differ only in concurrency form one line of a chart)."""
     rows = []
     for f in sorted(results.glob("*.json"), key=lambda p: (len(p.stem), p.stem)):
         if not f.stem.isdigit():
             continue
         data = json.loads(f.read_text())
         point = json.loads((results / "variants" / f.stem / "point.json").read_text())
+        label = ", ".join(f"{k}={v}" for k, v in point.items() if k != "bench.concurrency") or "base"
         for r in data["rows"]:
-            rows.append({"task": int(f.stem), **point, **r})
+            rows.append({"task": int(f.stem), **point, **r, "variant": label, "isl": data.get("isl"),
+                         "osl": data.get("osl"), "date": data.get("date")})
     return rows

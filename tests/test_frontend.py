@@ -256,3 +256,26 @@ def test_workers_join_and_leave_while_serving(stacks, tiny_model, tmp_path):
     assert extra.stop()  # SIGTERM: it leaves etcd first, then finishes what it has
     assert all(ask().choices[0].text == first for _ in range(4))
     assert depth not in httpx.get(f"{stack.url}/metrics").text  # a departed worker's series goes
+
+
+def test_cached_tokens_equal_the_workers_reused_tokens(stacks):
+    """usage.prompt_tokens_details.cached_tokens is what the prefix cache held, as the workers count it."""
+    async def reused(stack) -> int:
+        async with ServingClient(stack.dep.name, stack.etcd.url, stack.nats.url) as sc:
+            for _ in range(100):
+                if sc.directory.workers:
+                    break
+                await asyncio.sleep(0.05)
+            return sum([(await sc.stats(w)).reused_prompt_tokens for w in sc.directory.workers.values()])
+
+    shared = list(range(20, 100))  # 80 tokens: 5 full blocks of 16, all shared by a later prompt that extends them
+    for name in ("agg", "dis"):
+        before = asyncio.run(reused(stacks[name]))
+        cached = []
+        for tail in ([300, 301], [302, 303], [304]):
+            r = client(stacks[name]).completions.create(model=MODEL, prompt=shared + tail, max_tokens=2)
+            cached.append(r.usage.prompt_tokens_details.cached_tokens)
+        stream = client(stacks[name]).completions.create(model=MODEL, prompt=shared + [305], max_tokens=2,
+                                                         stream=True, stream_options={"include_usage": True})
+        cached.append([c for c in stream if c.usage][-1].usage.prompt_tokens_details.cached_tokens)
+        assert cached[1:] == [80, 80, 80] and sum(cached) == asyncio.run(reused(stacks[name])) - before, cached

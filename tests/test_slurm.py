@@ -177,7 +177,7 @@ bench: {{isl: 16, osl: 4, requests: 4}}
     rows = [json.loads((results / "conc" / f"{i}.json").read_text())["rows"][0] for i in range(3)]
     assert [r["concurrency"] for r in rows] == [1, 2, 4] and all(r["errors"] == 0 for r in rows)
     out = hpc(["report", str(results / "conc"), "--plot", str(results / "conc.png")], {**env, "COLUMNS": "250"}).stdout
-    assert "bench.concurrency" in out and (results / "conc.png").stat().st_size > 1000
+    assert "concurrency" in out and "base" in out and (results / "conc.png").stat().st_size > 1000
     assert squeue(env) == []
 
 
@@ -228,4 +228,38 @@ def test_scale_adds_and_drains_workers(env):
         assert bad.returncode == 1 and "expected +N or -N" in bad.stderr
     finally:
         hpc(["stop", "tiny-agg"], env)
+    assert squeue(env) == []
+
+
+def test_sweep_ttft_is_never_zero_and_matches_the_mocker_timing(env, work_dir):
+    """The sweep users run first: prefill replicas x concurrency on mocker workers. Every TTFT sample is a token's
+    arrival, within what the mocker's timing model allows; per-GPU throughput and goodput come with each row."""
+    sweep = work_dir / "mock-sweep.yaml"
+    sweep.write_text(f"""name: mocksweep
+base: {REPO}/configs/tiny-mocker.yaml
+nodes: 3
+axes:
+  workers.prefill.replicas: [1, 2]
+  bench.concurrency: [4, 16]
+bench: {{isl: 512, osl: 32, requests: 64}}
+slo: {{ttft_ms: 1000, itl_ms: 100}}
+""")
+    results = work_dir / "results"
+    hpc(["sweep", str(sweep), "--results", str(results), "--wait"], env, timeout=600)
+    from hpc.sweep import report_rows
+
+    rows = report_rows(results / "mocksweep")
+    assert len(rows) == 4 and all(r["errors"] == 0 and r["timing"] == "tokens" for r in rows)
+    # The mocker's prefill of 512 tokens: 2 ms overhead + 512 / 250,000 tokens/s (configs/engines/tiny/mocker.yaml).
+    one_prefill_ms = 2.0 + 512 / 250_000 * 1000
+    for r in rows:
+        assert r["ttft_min_ms"] >= one_prefill_ms, r  # never 0, never faster than the prefill itself
+        # At most every request of the level queued behind one prefill each, plus the serving path's overhead.
+        assert r["ttft_p50_ms"] <= r["concurrency"] * one_prefill_ms + 100, r
+        assert r["gpus"] == r["workers.prefill.replicas"] + 2 and r["output_tok_s_per_gpu"] > 0  # 1 GPU each
+        assert r["goodput_req_s"] == r["req_s"] and r["slo_ttft_ms"] == 1000
+    assert {r["variant"] for r in rows} == {"workers.prefill.replicas=1", "workers.prefill.replicas=2"}
+    out = hpc(["report", str(results / "mocksweep"), "--plot", str(results / "mocksweep.png")],
+              {**env, "COLUMNS": "250"}).stdout
+    assert "workers.prefill.replicas=1" in out and (results / "mocksweep.png").stat().st_size > 10_000
     assert squeue(env) == []

@@ -228,7 +228,7 @@ class Worker:
                 if out.error:
                     raise _Reply("internal", out.error)
                 self.metrics.tokens.inc(len(out.token_ids))
-                await reply(encode(TokenDelta(rid, out.token_ids, out.finish_reason)))
+                await reply(encode(TokenDelta(rid, out.token_ids, out.finish_reason, out.cached_tokens)))
 
     async def serve_aggregated(self, req: GenerateRequest, reply) -> None:
         await self._stream(req.request_id, self.engine.generate(self.engine_request(req)), reply)
@@ -244,7 +244,7 @@ class Worker:
             self.held_changed.set()
         self.metrics.tokens.inc()
         await reply(encode(PrefillResult(req.request_id, out.first_token, out.num_tokens, out.finish_reason, kv,
-                                         disagg_params=out.handoff)))
+                                         disagg_params=out.handoff, cached_tokens=out.cached_tokens)))
 
     async def serve_decode(self, req: GenerateRequest, reply) -> None:
         if self.engine.moves_own_kv:  # the engine pulls the KV itself (TensorRT-LLM's cache transceiver)

@@ -55,6 +55,7 @@ class _Seq:
     blocks: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)  # of its full blocks of tokens, as far as known
     registered: int = 0  # its first blocks that the prefix cache knows
+    cached: int = 0  # prompt tokens whose KV the prefix cache held at admission
 
     @property
     def id(self) -> str:
@@ -278,7 +279,7 @@ class TorchEngine:
         if admitted is None:
             return False
         seq.blocks, cached = admitted
-        seq.num_computed, seq.registered = cached * bs, cached
+        seq.num_computed, seq.registered, seq.cached = cached * bs, cached, cached * bs
         self._prompt_tokens += cached * bs
         self._reused_tokens += cached * bs
         return True
@@ -375,11 +376,11 @@ class TorchEngine:
         if seq.mode == "prefill":
             self._waiting.remove(seq)
             if reason:
-                self._finish(seq, PrefillOutput(token, reason, [], seq.num_prompt))
+                self._finish(seq, PrefillOutput(token, reason, [], seq.num_prompt, cached_tokens=seq.cached))
             else:
                 with self._lock:
                     self._held[seq.id] = seq
-                seq.out.put(PrefillOutput(token, None, list(seq.blocks), seq.num_prompt))
+                seq.out.put(PrefillOutput(token, None, list(seq.blocks), seq.num_prompt, cached_tokens=seq.cached))
             return
         if seq in self._waiting:  # its prompt is done: from now on it decodes
             self._waiting.remove(seq)
@@ -387,7 +388,8 @@ class TorchEngine:
                 self._running.append(seq)
         elif reason:
             self._running.remove(seq)
+        cached = seq.cached if seq.mode == "generate" and seq.generated == 1 else 0  # on the first output only
         if reason:
-            self._finish(seq, TokenOutput([token], reason))
+            self._finish(seq, TokenOutput([token], reason, cached_tokens=cached))
         else:
-            seq.out.put(TokenOutput([token]))
+            seq.out.put(TokenOutput([token], cached_tokens=cached))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -61,11 +62,19 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
                                                              "(default: the one the server reports)"),
           out: Path = typer.Option(Path("bench.json"), help="JSON results"),
           plot: Optional[Path] = typer.Option(None, help="Write a TTFT vs throughput PNG here"),
-          gpus: int = typer.Option(0, help="GPUs serving, for throughput per GPU in the plot"),
+          svg: bool = typer.Option(False, "--svg", help="With --plot, an SVG beside the PNG"),
+          gpus: int = typer.Option(0, help="GPUs serving (default: from the deployment launched here at this URL)"),
+          slo_ttft_ms: Optional[float] = typer.Option(None, help="Goodput: TTFT limit per request, ms"),
+          slo_itl_ms: Optional[float] = typer.Option(None, help="Goodput: limit on a request's mean time per "
+                                                                "output token after the first (TPOT), ms"),
+          export: Optional[Path] = typer.Option(None, help="Also write aiperf-style profile exports into this "
+                                                          "folder, one subfolder per concurrency"),
           timeout: float = typer.Option(600, help="Per-request timeout, seconds")) -> None:
-    """Load-test a server: TTFT, ITL, latency percentiles and throughput per concurrency."""
+    """Load-test a server: TTFT, ITL, TPOT, latency percentiles, throughput (per GPU) and goodput per
+    concurrency."""
     import asyncio
     import json
+    import time as clock
 
     from rich.progress import Progress
 
@@ -77,6 +86,9 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
         raise HpcError(f"--concurrency {concurrency!r}: expected positive integers like 1,4,16")
     name, root = asyncio.run(b.discover(url, model, 10))
     first, vocab = b.vocabulary(tokenizer or root)
+    gpus = gpus or _gpus_of_deployment_at(url)
+    slo = b.Slo(slo_ttft_ms, slo_itl_ms)
+    command = " ".join(["hpc", *sys.argv[1:]])
     rows = []
     with Progress(console=console, transient=True) as progress:
         for c in levels:
@@ -84,20 +96,52 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
             task = progress.add_task(f"concurrency {c}", total=n)
             results, wall = asyncio.run(b.level(url, name, b.make_prompts(n, isl, first, vocab, seed=c), osl, c,
                                                 timeout, lambda: progress.advance(task)))
-            rows.append(b.summarize(c, results, wall))
+            rows.append(b.summarize(c, results, wall, gpus, slo))
+            if export:
+                b.export_aiperf(export, results, wall, c, name, url, command)
     table = Table("conc", "req", "err", "TTFT p50/p90/p99 ms", "TPOT p50/p99 ms", "ITL p50/p99 ms",
-                  "E2E p50/p99 ms", "out tok/s", "req/s", title=f"{name}  isl={isl} osl={osl}")
+                  "E2E p50/p99 ms", "out tok/s", "tok/s/GPU", "req/s", "goodput", "reused",
+                  title=f"{name}  isl={isl} osl={osl}" + (f"  {gpus} GPUs" if gpus else ""))
     for r in rows:
         table.add_row(str(r["concurrency"]), str(r["requests"]), str(r["errors"]),
                       f"{r['ttft_p50_ms']}/{r['ttft_p90_ms']}/{r['ttft_p99_ms']}",
                       f"{r['tpot_p50_ms']}/{r['tpot_p99_ms']}", f"{r['itl_p50_ms']}/{r['itl_p99_ms']}",
-                      f"{r['e2e_p50_ms']}/{r['e2e_p99_ms']}", str(r["output_tok_s"]), str(r["req_s"]))
+                      f"{r['e2e_p50_ms']}/{r['e2e_p99_ms']}", str(r["output_tok_s"]),
+                      str(r["output_tok_s_per_gpu"] or "-"), str(r["req_s"]), str(r["goodput_req_s"]),
+                      f"{100 * r['reused_share']:.0f}%")
     console.print(table)
-    out.write_text(json.dumps({"url": url, "model": name, "isl": isl, "osl": osl, "rows": rows}, indent=2))
+    if slo.ttft_ms is None and slo.itl_ms is None:
+        console.print("goodput: no --slo-ttft-ms or --slo-itl-ms given, so every successful request counts")
+    if any(r["timing"] == "text" for r in rows):
+        console.print("[yellow]timed by text:[/yellow] the server sent no usage per chunk "
+                      "(stream_options.continuous_usage_stats), so a token with empty text is not seen")
+    out.write_text(json.dumps({"url": url, "model": name, "isl": isl, "osl": osl, "gpus": gpus,
+                               "date": clock.strftime("%Y-%m-%d"), "command": command, "rows": rows}, indent=2))
     console.print(f"results: {out}")
+    if export:
+        console.print(f"aiperf-style exports: {export}/concurrency_N/")
     if plot:
-        b.plot(rows, plot, gpus)
+        b.plot(rows, plot, f"{name}: TTFT against throughput, ISL {isl} / OSL {osl}, "
+                           f"{clock.strftime('%Y-%m-%d')}", svg)
         console.print(f"plot: {plot}")
     errors = [r.get("first_error") for r in rows if r["errors"]]
     if errors:
         raise HpcError(f"{sum(r['errors'] for r in rows)} requests failed; first: {errors[0]}")
+
+
+def _gpus_of_deployment_at(url: str) -> int:
+    """The GPUs of the deployment launched from here whose frontend is at `url` (0 when none is)."""
+    import json
+
+    from hpc.config import load_deployment
+    from hpc.launch import STATE_ROOT
+    from hpc.plan import worker_gpus
+
+    for state in STATE_ROOT.glob("*.json"):
+        try:
+            data = json.loads(state.read_text())
+            if (data.get("frontend_url") or "").rstrip("/") == url:
+                return worker_gpus(load_deployment(data["config"]))
+        except (OSError, ValueError, KeyError, HpcError):
+            continue
+    return 0

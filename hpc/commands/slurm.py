@@ -200,8 +200,9 @@ def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML"),
 
 @app.command()
 def report(results: Path = typer.Argument(..., help="A sweep's results folder"),
-           plot: Optional[Path] = typer.Option(None, help="Write a TTFT vs throughput-per-GPU PNG here"),
-           gpus: int = typer.Option(0, help="GPUs per variant, for throughput per GPU")) -> None:
+           plot: Optional[Path] = typer.Option(None, help="Write the chart here (PNG): TTFT p50 and p99 against "
+                                                          "output tokens/s per GPU, one line per variant"),
+           svg: bool = typer.Option(False, "--svg", help="With --plot, an SVG beside the PNG")) -> None:
     """The table of a sweep's results (and a chart)."""
     from hpc import bench as b
     from hpc.sweep import report_rows
@@ -209,14 +210,17 @@ def report(results: Path = typer.Argument(..., help="A sweep's results folder"),
     rows = report_rows(results)
     if not rows:
         raise HpcError(f"no task results (N.json) in {results}")
-    keys = [k for k in rows[0] if k not in ("requests", "errors") and not k.endswith(("p90_ms", "p99_ms"))]
-    table = Table(*keys, title=str(results))
+    columns = ["task", "variant", "concurrency", "errors", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
+               "itl_p50_ms", "e2e_p50_ms", "output_tok_s", "output_tok_s_per_gpu", "goodput_req_s", "reused_share"]
+    table = Table(*columns, title=str(results))
     for r in rows:
-        table.add_row(*(str(r.get(k, "")) for k in keys))
+        table.add_row(*(str(r.get(k, "")) for k in columns))
     console.print(table)
     if plot:
-        b.plot(rows, plot, gpus)
-        console.print(f"plot: {plot}")
+        first = rows[0]
+        b.plot(rows, plot, f"sweep {results.name}: TTFT against throughput, ISL {first['isl']} / OSL "
+                           f"{first['osl']}, {first['date'] or ''}", svg)
+        console.print(f"plot: {plot}" + (f" and {plot.with_suffix('.svg')}" if svg else ""))
 
 
 @app.command(context_settings={"ignore_unknown_options": True})  # so that -1 is the change, not an option

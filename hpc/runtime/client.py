@@ -114,7 +114,7 @@ class ServingClient:
                 break
         if not isinstance(result, PrefillResult):
             raise ServingError("internal", f"prefill worker {prefill.worker_id} sent {type(result).__name__}")
-        yield TokenDelta(req.request_id, [result.first_token], result.finish_reason)
+        yield TokenDelta(req.request_id, [result.first_token], result.finish_reason, result.cached_tokens)
         if result.finish_reason:
             return
         decode = self._pick("decode", req)
@@ -134,7 +134,8 @@ class ServingClient:
                         raise ServingError("internal", f"worker {worker.worker_id} sent {type(reply).__name__}")
                 # Deltas that arrived together go on as one: one text delta, one HTTP write for the frontend.
                 delta = batch[0] if len(batch) == 1 else TokenDelta(
-                    req.request_id, [t for d in batch for t in d.token_ids], batch[-1].finish_reason)
+                    req.request_id, [t for d in batch for t in d.token_ids], batch[-1].finish_reason,
+                    sum(d.cached_tokens for d in batch))
                 yield delta
                 if delta.finish_reason:
                     return

@@ -80,12 +80,14 @@ class PrefillResult(msgspec.Struct, frozen=True, tag="prefill"):
     finish_reason: str | None = None  # set when the first token already ends the request (no KV is held)
     kv: KvHandle | None = None
     disagg_params: bytes | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV the prefix cache held
 
 
-class TokenDelta(msgspec.Struct, frozen=True, tag="tokens"):
+class TokenDelta(msgspec.Struct, frozen=True, tag="tokens", omit_defaults=True):
     request_id: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    cached_tokens: int = 0  # on a request's first delta: prompt tokens the prefix cache held
 
 
 class ErrorReply(msgspec.Struct, frozen=True, tag="error"):

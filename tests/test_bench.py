@@ -1,0 +1,142 @@
+"""`hpc bench` and `hpc report` without a cluster: what counts as a token, goodput, the chart's data, the aiperf
+export. The streams come from a real local HTTP server that answers the way the cases need."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from hpc import bench as b
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sse(*events) -> bytes:
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+def chunk(text: str, usage: int | None = None) -> dict:
+    return {"choices": [{"index": 0, "text": text}], **({"usage": {"completion_tokens": usage}} if usage else {})}
+
+
+STREAMS = {  # what each fake server sends for any completion
+    "no-token": sse({"choices": [{"index": 0, "text": "", "finish_reason": "stop"}],
+                     "usage": {"completion_tokens": 0}}),
+    "empty-text-tokens": sse(chunk("", 1), chunk("", 2), chunk("hi", 3),
+                             {"choices": [], "usage": {"completion_tokens": 3, "prompt_tokens_details":
+                                                       {"cached_tokens": 16}}}),
+    "text-only": sse(chunk("a"), chunk("b")),
+}
+
+
+@pytest.fixture
+def server():
+    """A real HTTP server on loopback; the path picks the stream."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        kind = request.match_info["kind"]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(STREAMS[kind])
+        return resp
+
+    async def run(kind: str) -> b.Result:
+        app = web.Application()
+        app.router.add_post("/{kind}/v1/completions", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with b.session(1, 10) as client:
+                return await b.one(client, f"http://127.0.0.1:{port}/{kind}", "m", list(range(32)), 3)
+        finally:
+            await runner.cleanup()
+
+    return lambda kind: asyncio.run(run(kind))
+
+
+def test_a_stream_without_a_token_is_an_error_not_a_zero_sample(server):
+    r = server("no-token")
+    assert r.error == "the stream ended without a generated token" and r.ttft is None
+    row = b.summarize(1, [r], 1.0)
+    assert row["errors"] == 1 and row["ttft_min_ms"] is None
+
+
+def test_tokens_with_empty_text_are_timed_as_tokens(server):
+    r = server("empty-text-tokens")
+    assert r.error is None and r.timing == "tokens" and r.output_tokens == 3 and len(r.itl) == 2
+    assert r.ttft > 0 and r.cached_tokens == 16
+
+
+def test_a_server_without_usage_per_chunk_is_timed_by_text_and_says_so(server):
+    r = server("text-only")
+    assert r.error is None and r.timing == "text" and len(r.itl) == 1
+    assert b.summarize(1, [r], 1.0)["timing"] == "text"
+
+
+def test_goodput_counts_only_requests_within_both_limits():
+    def req(ttft_ms, tpot_ms, tokens=11):
+        return b.Result(ttft=ttft_ms / 1000, e2e=(ttft_ms + tpot_ms * (tokens - 1)) / 1000, output_tokens=tokens,
+                        prompt_tokens=100, cached_tokens=25)
+
+    results = [req(100, 10), req(100, 30), req(600, 10), req(600, 30), b.Result(error="HTTP 500")]
+    row = b.summarize(4, results, wall=2.0, gpus=4, slo=b.Slo(ttft_ms=500, itl_ms=20))
+    assert row["goodput_req_s"] == 0.5  # only the first: one request in 2 s
+    assert row["req_s"] == 2.0 and row["errors"] == 1 and row["reused_share"] == 0.25
+    assert row["output_tok_s_per_gpu"] == round(44 / 2 / 4, 1)
+    assert b.summarize(4, results, 2.0, slo=b.Slo(ttft_ms=500))["goodput_req_s"] == 1.0
+
+
+def fixed_sweep(tmp_path: Path) -> Path:
+    """A sweep's results folder: 2 variants x 2 concurrencies, as `hpc sweep` writes them."""
+    results = tmp_path / "conc"
+    for task, (replicas, conc, tok_s, ttft) in enumerate([(1, 4, 800, 40), (1, 16, 1500, 120),
+                                                           (2, 4, 900, 30), (2, 16, 2100, 60)]):
+        d = results / "variants" / str(task)
+        d.mkdir(parents=True)
+        (d / "point.json").write_text(json.dumps({"workers.prefill.replicas": replicas, "bench.concurrency": conc}))
+        row = {"concurrency": conc, "requests": 64, "errors": 0, "output_tok_s": tok_s, "req_s": 1.0,
+               "gpus": 2 + replicas, "output_tok_s_per_gpu": round(tok_s / (2 + replicas), 1), "goodput_req_s": 1.0,
+               "reused_share": 0.0, "ttft_p50_ms": ttft, "ttft_p99_ms": 2 * ttft, "tpot_p50_ms": 6.0,
+               "itl_p50_ms": 6.0, "e2e_p50_ms": 300.0}
+        (results / f"{task}.json").write_text(json.dumps({"isl": 512, "osl": 32, "date": "2026-11-24",
+                                                          "rows": [row]}))
+    return results
+
+
+def test_report_draws_one_series_per_variant(tmp_path):
+    from hpc.sweep import report_rows
+
+    rows = report_rows(fixed_sweep(tmp_path))
+    drawn = b.plot(rows, tmp_path / "chart.png", "sweep conc", svg=True)
+    assert drawn == {"workers.prefill.replicas=1": [(266.7, 40), (500.0, 120)],
+                     "workers.prefill.replicas=2": [(225.0, 30), (525.0, 60)]}
+    assert b.pareto([p for pts in drawn.values() for p in pts]) == [(225.0, 30), (266.7, 40), (525.0, 60)]
+    assert (tmp_path / "chart.png").stat().st_size > 10_000 and (tmp_path / "chart.svg").exists()
+
+
+def test_report_command_prints_the_variants(tmp_path):
+    results = fixed_sweep(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "hpc", "report", str(results), "--plot", str(tmp_path / "r.png")],
+                         capture_output=True, text=True, timeout=60, cwd=REPO, env={"COLUMNS": "250", "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert "workers.prefill.replicas=2" in out.stdout and (tmp_path / "r.png").exists()
+
+
+def test_aiperf_export_has_its_field_names(tmp_path):
+    ok = b.Result(ttft=0.05, e2e=0.25, output_tokens=11, prompt_tokens=64, itl=[0.02] * 10)
+    path = b.export_aiperf(tmp_path, [ok, b.Result(error="HTTP 503")], 2.0, 8, "m", "http://x", "hpc bench ...")
+    agg = json.loads(path.read_text())
+    assert agg["time_to_first_token"]["unit"] == "ms" and agg["time_to_first_token"]["p50"] == 50.0
+    assert agg["inter_token_latency"]["avg"] == pytest.approx(20.0) and agg["request_count"]["avg"] == 2.0
+    assert agg["error_summary"][0]["count"] == 1 and agg["output_token_throughput"]["avg"] == 5.5
+    records = [json.loads(line) for line in (path.parent / "profile_export.jsonl").read_text().splitlines()]
+    assert records[0]["metrics"]["output_sequence_length"] == {"value": 11, "unit": "tokens"}
+    assert records[1]["metrics"] is None and records[1]["error"]["message"] == "HTTP 503"
