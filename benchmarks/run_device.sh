@@ -23,5 +23,12 @@ for what in "$@"; do
     frontend) serve_setup; python3 benchmarks/frontend.py --requests 300 ;;
     serve) serve_setup; python3 benchmarks/serve_gpu.py ;;
     router) serve_setup; python3 benchmarks/router.py ;;
+    # Two GPUs (nvidia-h200-x2): KV GPU0 -> GPU1, then 1 prefill + 1 decode worker against 2 aggregated workers.
+    two-gpu-kv) python3 benchmarks/kv_transfer.py --src 0 --dst 1 ;;
+    two-gpu-disaggregated|two-gpu-aggregated)
+      serve_setup
+      python3 benchmarks/serve_gpu.py --gpus 0,1 --modes "${what#two-gpu-}" --isl 4000 --osl 200 \
+        --concurrency 1,4,8 --requests 8 --slo-ttft-ms 1000 --slo-itl-ms 50 --name "serve_gpu-2gpu-${what#two-gpu-}" ;;
+    two-gpu) "$0" two-gpu-kv two-gpu-disaggregated two-gpu-aggregated ;;
   esac
 done

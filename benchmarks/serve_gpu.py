@@ -2,6 +2,8 @@
 and disaggregated, measured with `hpc bench`'s load generator.
 
     python benchmarks/serve_gpu.py [--isl 2000] [--osl 100] [--concurrency 1,4,16] [--requests 16]
+    python benchmarks/serve_gpu.py --gpus 0,1 --isl 4000 --osl 200 --slo-ttft-ms 1000 --slo-itl-ms 50 \
+        --name serve_gpu-2gpu      # 1 prefill + 1 decode worker against 2 aggregated workers, one GPU each
 
 Disaggregated: a prefill and a decode worker on the same GPU, the KV cache moved by NIXL (VRAM to VRAM through
 UCX's CUDA IPC). Aggregated: one worker. Etcd, NATS and the frontend run as `hpc serve` runs them. Each mode ends
@@ -43,8 +45,9 @@ def model_dir(d: Path) -> Path:
     return m
 
 
-def deployment(d: Path, model: Path, mode: str) -> Path:
-    workers = ("  aggregated: {engine: torch, engine_config: gpu.yaml}\n" if mode == "aggregated" else
+def deployment(d: Path, model: Path, mode: str, aggregated_replicas: int = 1) -> Path:
+    workers = (f"  aggregated: {{engine: torch, engine_config: gpu.yaml, replicas: {aggregated_replicas}}}\n"
+               if mode == "aggregated" else
                "  prefill: {engine: torch, engine_config: gpu.yaml}\n  decode: {engine: torch, engine_config: gpu.yaml}\n")
     p = d / f"gpu-{mode}.yaml"
     p.write_text(f"name: gpu-{mode}\nmodel: {{path: {model}, served_name: llama-3-8b-shape, random_weights: true}}\n"
@@ -52,12 +55,14 @@ def deployment(d: Path, model: Path, mode: str) -> Path:
     return p
 
 
-def measure(local: LocalDeployment, mode: str, c: int, prompts: list[list[int]], osl: int) -> dict:
+def measure(local: LocalDeployment, mode: str, c: int, prompts: list[list[int]], osl: int, gpus: int = 1,
+            slo: bench.Slo = bench.Slo()) -> dict:
     results, wall = asyncio.run(bench.level(local.url, "llama-3-8b-shape", prompts, osl, c, 300))
-    r = bench.summarize(c, results, wall)
+    r = bench.summarize(c, results, wall, gpus, slo)
     row = {"mode": mode, **{k: r[k] for k in ("concurrency", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms",
                                               "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms", "e2e_p50_ms",
-                                              "output_tok_s", "req_s")}, "reused_tokens": r["cached_tokens"]}
+                                              "output_tok_s", "req_s", "gpus", "output_tok_s_per_gpu",
+                                              "goodput_req_s")}, "reused_tokens": r["cached_tokens"]}
     # Distinct prompts: a row that is not the prefix-cache row by design must have reused nothing, or its TTFT
     # measures the cache, not the prefill.
     if r["cached_tokens"] and "shared prefix" not in mode:
@@ -75,13 +80,21 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests", type=int, default=16, help="per level; at least 4 x concurrency")
     p.add_argument("--modes", default="disaggregated,aggregated")
+    p.add_argument("--gpus", default="", help="GPUs, one per worker in turn (e.g. 0,1: prefill on 0 and decode on "
+                                              "1, or one aggregated worker on each); default: all on the first")
+    p.add_argument("--slo-ttft-ms", type=float)
+    p.add_argument("--slo-itl-ms", type=float)
+    p.add_argument("--name", default="serve_gpu", help="result file name (without .json)")
     a = p.parse_args()
+    gpus = tuple(g for g in a.gpus.split(",") if g)
+    slo = bench.Slo(a.slo_ttft_ms, a.slo_itl_ms)
     d = Path(tempfile.mkdtemp(prefix="hpc-serve-gpu-"))
     model = model_dir(d)
     (d / "gpu.yaml").write_text(ENGINE)
     rows = []
     for mode in a.modes.split(","):
-        local = LocalDeployment(load_deployment(deployment(d, model, mode)), d / mode)
+        local = LocalDeployment(load_deployment(deployment(d, model, mode, max(1, len(gpus)))), d / mode, gpus=gpus)
+        n_gpus = max(1, len(gpus))
         local.start(on_ready=lambda c: print(f"  ready: {c.name} after {c.ready_after:.1f} s", flush=True),
                     timeout=600)
         try:
@@ -89,19 +102,21 @@ def main() -> None:
                 prompts = bench.make_prompts(max(a.requests, 4 * c), a.isl, 10, LLAMA3_8B["vocab_size"], seed=c)
                 warm = bench.make_prompts(c, a.isl, 10, LLAMA3_8B["vocab_size"], seed=1000 + c)  # not cached later
                 asyncio.run(bench.level(local.url, "llama-3-8b-shape", warm, a.osl, c, 300))
-                rows.append(measure(local, mode, c, prompts, a.osl))
+                rows.append(measure(local, mode, c, prompts, a.osl, n_gpus, slo))
             # The same prompts with a shared prefix of all but their last 16 tokens: the prefix cache's gain.
             shared = prompts[0][:-16]
             rows.append(measure(local, f"{mode}, shared prefix", 1, [shared + p[-16:] for p in prompts[:a.requests]],
-                                a.osl))
+                                a.osl, n_gpus, slo))
         finally:
             stuck = local.stop()
             if stuck:
                 print(f"could not stop: {stuck}", flush=True)
-    path = write_result("serve_gpu", rows, {"isl": a.isl, "osl": a.osl, "model": "Llama-3-8B shape, random bf16",
-                                            "cpu_cores": os.cpu_count()})
+    path = write_result(a.name, rows, {"isl": a.isl, "osl": a.osl, "model": "Llama-3-8B shape, random bf16",
+                                       "cpu_cores": os.cpu_count(), "gpus": list(gpus), "slo_ttft_ms": a.slo_ttft_ms,
+                                       "slo_itl_ms": a.slo_itl_ms})
     print(table(rows, ["mode", "concurrency", "errors", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
-                       "tpot_p50_ms", "e2e_p50_ms", "output_tok_s", "req_s", "reused_tokens"]))
+                       "tpot_p50_ms", "e2e_p50_ms", "output_tok_s", "output_tok_s_per_gpu", "goodput_req_s", "req_s",
+                       "reused_tokens"]))
     print("reused_tokens: prompt tokens served from the prefix cache (usage.prompt_tokens_details.cached_tokens); "
           "0 in every row but the shared-prefix ones")
     print(f"Written to {path}")

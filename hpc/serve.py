@@ -13,6 +13,7 @@ from typing import Callable
 
 from hpc.config import Deployment
 from hpc.errors import HpcError
+from hpc.plan import uses_gpus
 from hpc.procs import Pid, free_port, http_ok, log_tail, spawn, stop
 from hpc.services import Service, start_etcd, start_nats
 
@@ -33,6 +34,9 @@ class LocalDeployment:
     port: int = 0
     host: str = "127.0.0.1"
     lease_ttl: int = 5
+    # GPUs for the workers that use one, handed out in turn, one per worker (CUDA_VISIBLE_DEVICES); empty: every
+    # worker sees what this process sees.
+    gpus: tuple[str, ...] = ()
     etcd: Service | None = None
     nats: Service | None = None
     components: list[Component] = field(default_factory=list)
@@ -64,14 +68,22 @@ class LocalDeployment:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HPC_ETCD": self.etcd.url, "HPC_NATS": self.nats.url}
         env.setdefault("OMP_NUM_THREADS", "1")
         pending = []
+        gpu_turn = 0
         for role, spec in dep.workers.items():
+            if self.gpus and uses_gpus(dep, role) and spec.gpus_per_worker > 1:
+                raise HpcError(f"workers.{role}: hpc serve gives each worker one GPU; tensor_parallel_size "
+                               f"{spec.tensor_parallel_size} needs a launch with several ranks")
             for i in range(spec.replicas):
+                worker_env = dict(spec.env)
+                if self.gpus and uses_gpus(dep, role):
+                    worker_env["CUDA_VISIBLE_DEVICES"] = self.gpus[gpu_turn % len(self.gpus)]
+                    gpu_turn += 1
                 name = f"{role}/{i}"
                 argv = [sys.executable, "-m", "workers", "--config", str(dep.source), "--role", role,
                         "--model", self.model_path(), "--worker-id", f"{role}-{i}", "--lease-ttl",
                         str(self.lease_ttl)]
                 c = Component(name, log=logs / f"{role}-{i}.log")
-                c.popen = spawn(argv, c.log, env={**env, **spec.env})
+                c.popen = spawn(argv, c.log, env={**env, **worker_env})
                 self.components.append(c)
                 pending.append(c)
         self.port = self.port or free_port()

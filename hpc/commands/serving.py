@@ -16,7 +16,9 @@ from hpc.errors import HpcError
 @app.command()
 def serve(config: Path = typer.Argument(..., help="Deployment YAML"),
           port: int = typer.Option(0, help="Frontend port (0: a free one)"),
-          host: str = typer.Option("127.0.0.1", help="Frontend address")) -> None:
+          host: str = typer.Option("127.0.0.1", help="Frontend address"),
+          gpus: str = typer.Option("", help="GPUs to hand out, one per GPU worker in turn, e.g. 0,1 "
+                                            "(default: every worker sees all)")) -> None:
     """Run a deployment on this machine without Slurm: etcd, NATS, workers and frontend as local processes.
     Ctrl-C stops everything."""
     import signal
@@ -26,7 +28,8 @@ def serve(config: Path = typer.Argument(..., help="Deployment YAML"),
     from hpc.serve import LocalDeployment
 
     dep = load_deployment(config)
-    local = LocalDeployment(dep, Path(".hpc") / "serve" / dep.name, port=port, host=host)
+    local = LocalDeployment(dep, Path(".hpc") / "serve" / dep.name, port=port, host=host,
+                            gpus=tuple(g.strip() for g in gpus.split(",") if g.strip()))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
