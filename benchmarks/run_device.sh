@@ -29,6 +29,9 @@ for what in "$@"; do
       serve_setup
       python3 benchmarks/serve_gpu.py --gpus 0,1 --modes "${what#two-gpu-}" --isl 4000 --osl 200 \
         --concurrency 1,4,8 --requests 8 --slo-ttft-ms 1000 --slo-itl-ms 50 --name "serve_gpu-2gpu-${what#two-gpu-}" ;;
-    two-gpu) "$0" two-gpu-kv two-gpu-disaggregated two-gpu-aggregated ;;
+    two-gpu-tp) python3 benchmarks/tensor_parallel.py \
+      && mpirun -np 2 --allow-run-as-root -x PYTHONPATH -x OUT -x NCCL_NVLS_ENABLE=0 \
+        -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 python3 benchmarks/tensor_parallel.py ;;
+    two-gpu) "$0" two-gpu-kv two-gpu-tp two-gpu-disaggregated two-gpu-aggregated ;;
   esac
 done
