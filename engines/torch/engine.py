@@ -126,6 +126,8 @@ class TorchEngine:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=10)
+        if self.tp is not None and self.tp.size > 1 and self.tp.rank == 0:
+            self.tp.broadcast(None)  # the other ranks leave follow(), so every rank can end cleanly
 
     def kv_pool(self) -> torch.Tensor:
         """The pool as bytes, one row per block."""
