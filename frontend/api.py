@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256
 
 
 class Unsupported(Exception):
@@ -43,6 +46,26 @@ class Common(BaseModel):
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences (got {len(stops)})")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters")
+        return stop
+
+    def prompt_chars(self) -> int:
+        """Characters of text the prompt holds, before any tokenization (token-id prompts: 0)."""
+        p = getattr(self, "prompt", None)
+        if isinstance(p, str):
+            return len(p)
+        if isinstance(p, list) and p and isinstance(p[0], str):
+            return sum(len(x) for x in p)
+        return sum(len(m.content) if isinstance(m.content, str) else sum(len(str(part.get("text", "")))
+                   for part in m.content or []) for m in getattr(self, "messages", []))
 
     def check_supported(self) -> None:
         if self.n != 1:

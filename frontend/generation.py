@@ -23,6 +23,10 @@ from hpc.runtime.messaging import PeerGone, RequestTimeout
 
 log = logging.getLogger("frontend")
 MAX_BODY_BYTES = 32 << 20
+# A prompt longer than this many characters per token of context cannot fit: refused before it is tokenized.
+MAX_CHARS_PER_TOKEN = 32
+# Prompts longer than this are templated and tokenized in a thread, so one large request never holds the event loop.
+TOKENIZE_INLINE_CHARS = 16384
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
 _encode = msgspec.json.Encoder().encode
@@ -108,6 +112,17 @@ def prompt_of(req: Common, files: ModelFiles) -> list[int]:
     if not ids:
         raise ApiError(400, "prompt: empty", param="prompt")
     return ids
+
+
+async def tokenize(req: Common, files: ModelFiles) -> list[int]:
+    chars, limit = req.prompt_chars(), files.context_length * MAX_CHARS_PER_TOKEN
+    if chars > limit:
+        raise ApiError(400, f"the prompt has {chars} characters; the model's context of {files.context_length} "
+                            f"tokens holds no more than {limit}", param="messages" if isinstance(req, ChatRequest)
+                       else "prompt")
+    if chars > TOKENIZE_INLINE_CHARS:
+        return await asyncio.to_thread(prompt_of, req, files)
+    return prompt_of(req, files)
 
 
 class Chunks:
@@ -223,7 +238,7 @@ class GenerationApp:
                 raise fe.missing(req.model) if req.model not in fe.live_models() else NoWorkers(
                     f"model {req.model!r} has no complete path (prefill and decode, or aggregated) right now")
             files = fe.model_files(req.model)
-            prompt = prompt_of(req, files)
+            prompt = await tokenize(req, files)
             max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
             max_tokens = max_tokens or max(1, min(16, files.context_length - len(prompt)))
             files.check_length(len(prompt), max_tokens)

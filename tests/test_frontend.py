@@ -279,3 +279,36 @@ def test_cached_tokens_equal_the_workers_reused_tokens(stacks):
                                                          stream=True, stream_options={"include_usage": True})
         cached.append([c for c in stream if c.usage][-1].usage.prompt_tokens_details.cached_tokens)
         assert cached[1:] == [80, 80, 80] and sum(cached) == asyncio.run(reused(stacks[name])) - before, cached
+
+
+def test_a_huge_prompt_is_refused_at_once_and_stalls_no_other_request(stacks):
+    """A prompt that cannot fit the context is refused before it is tokenized; a large one that can is tokenized
+    off the event loop. Either way the other requests go on."""
+    url = f"{stacks['agg'].url}/v1/completions"
+    huge = {"model": MODEL, "prompt": "dragon " * 300_000, "max_tokens": 2}  # 2.1 M characters
+    large = {"model": MODEL, "prompt": "dragon " * 8_000, "max_tokens": 2}  # 56 k characters: fits 2048 x 32
+    small = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+
+    async def timed(client, body):
+        t0 = time.perf_counter()
+        r = await client.post(url, json=body)
+        return r, time.perf_counter() - t0
+
+    async def run():
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(timed(client, huge), timed(client, large),
+                                        *(timed(client, small) for _ in range(4)))
+
+    (h, h_s), (big, _), *smalls = asyncio.run(run())
+    assert h.status_code == 400 and "characters" in h.json()["error"]["message"] and h_s < 1.0
+    assert big.status_code == 400 and "exceeds the model's context length" in big.json()["error"]["message"]
+    assert all(r.status_code == 200 and s < 1.0 for r, s in smalls), [(r.status_code, s) for r, s in smalls]
+
+
+def test_stop_sequences_are_bounded(stacks):
+    r = httpx.post(f"{stacks['agg'].url}/v1/completions", timeout=10,
+                   json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "stop": [str(i) for i in range(5)]})
+    assert r.status_code == 400 and "at most 4 stop sequences" in r.json()["error"]["message"]
+    r = httpx.post(f"{stacks['agg'].url}/v1/completions", timeout=10,
+                   json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "stop": ["x" * 300]})
+    assert r.status_code == 400 and "at most 256 characters" in r.json()["error"]["message"]
