@@ -366,10 +366,57 @@ def _llm_api_problems(section: LlmApiSection, path: Path, prefix: str = "") -> l
     return problems
 
 
-def load_deployment(path: str | Path, check_files: bool = True) -> Deployment:
-    """Load and validate a deployment; raises ConfigError listing every problem."""
+VARIANTS_DIR = Path(".hpc") / "variants"
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """`override` on top of `base`: mappings merge key by key, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in override.items()}}
+    return override
+
+
+def variant_names(data: Any) -> list[str]:
+    return [k.removeprefix("override_") for k in data if k.startswith("override_")] if isinstance(data, dict) else []
+
+
+def resolve_variant(path: str | Path, variant: str | None) -> Path:
+    """A config written as `base:` plus `override_<name>:` sections (as srtctl users write them), with --variant
+    NAME: the base with that override merged in, written as a plain deployment file (named NAME-VARIANT, engine
+    YAML paths made absolute) that every component then reads. Without a variant: the file itself."""
     path = Path(path)
-    dep = parse_model(Deployment, path, read_yaml(path), "deployment")
+    if variant is None:
+        return path
+    data = read_yaml(path)
+    names = variant_names(data)
+    if not isinstance(data, dict) or "base" not in data:
+        raise ConfigError([f"{path}: --variant {variant}: this config has no `base:` and `override_<name>:` "
+                           f"sections"])
+    if variant not in names:
+        raise ConfigError([f"{path}: --variant {variant}: no override_{variant} (variants: "
+                           f"{', '.join(names) or 'none'})"])
+    tree = _merge(data["base"], data[f"override_{variant}"])
+    if not isinstance(tree, dict):
+        raise ConfigError([f"{path}: base: expected a mapping of deployment fields"])
+    tree["name"] = f"{tree.get('name', path.stem)}-{variant}"
+    for spec in (tree.get("workers") or {}).values():
+        if isinstance(spec, dict) and spec.get("engine_config") and not Path(spec["engine_config"]).is_absolute():
+            spec["engine_config"] = str((path.parent / spec["engine_config"]).resolve())
+    out = VARIANTS_DIR / f"{tree['name']}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# {path}, variant {variant} (written by hpc; edit the source, not this file)\n"
+                   + yaml.safe_dump(tree, sort_keys=False))
+    return out
+
+
+def load_deployment(path: str | Path, check_files: bool = True) -> Deployment:
+    """Load and validate a deployment; raises ConfigError listing every problem. A config of `base:` and
+    `override_<name>:` sections loads as its base (resolve_variant picks a variant)."""
+    path = Path(path)
+    data = read_yaml(path)
+    if isinstance(data, dict) and "base" in data and "name" not in data:
+        data = data["base"]
+    dep = parse_model(Deployment, path, data, "deployment")
     dep._source = path
     problems = check_deployment(dep, path) if check_files else []
     if problems:

@@ -187,3 +187,24 @@ def test_model_directory_config_json_is_checked_and_wins(tmp_path):
     text = "\n".join(problems_of(cfg))
     assert "tensor_parallel_size: 2 does not divide the model's 6 attention heads" not in text
     assert "tensor_parallel_size: 2 and the model's 3 KV heads do not divide one another" in text
+
+
+def test_a_variant_changes_exactly_what_its_override_says(tmp_path, monkeypatch):
+    from hpc import config as cfg
+
+    monkeypatch.setattr(cfg, "VARIANTS_DIR", tmp_path / "variants")
+    monkeypatch.setenv("HPC_MODEL_DIR", "/models/tiny")
+    source = REPO / "configs" / "tiny-variants.yaml"
+    base = load_deployment(source)
+    wide = load_deployment(cfg.resolve_variant(source, "wide_prefill"))
+    assert base.name == "tiny-variants" and wide.name == "tiny-variants-wide_prefill"
+    b, w = base.model_dump(), wide.model_dump()
+    changed = {k for k in b if b[k] != w[k]}
+    assert changed == {"name", "workers"}
+    assert w["workers"]["prefill"] == {**b["workers"]["prefill"], "replicas": 2,
+                                       "engine_config": str(REPO / "configs/engines/tiny/mocker.yaml")}
+    assert w["workers"]["decode"]["replicas"] == b["workers"]["decode"]["replicas"]
+    with pytest.raises(ConfigError, match="no override_nope .variants: wide_prefill, kv_aware."):
+        cfg.resolve_variant(source, "nope")
+    with pytest.raises(ConfigError, match="has no `base:`"):
+        cfg.resolve_variant(REPO / "configs" / "tiny-agg.yaml", "x")

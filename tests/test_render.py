@@ -27,6 +27,7 @@ CASES = {  # golden name: (config, extra args)
     "llama70b-2nodes": ("configs/llama-3.3-70b-disagg-2node.yaml", []),
     "tiny-trtllm-ranks-across-nodes": ("configs/tiny-trtllm.yaml", []),
     "tiny-mocker-3nodes": ("configs/tiny-mocker.yaml", []),
+    "tiny-variants-base": ("configs/tiny-variants.yaml", []),
 }
 OVERRIDES = ("IMAGE", "MOUNTS", "MODEL_PATH", "SERVED_MODEL_NAME", "MODEL_MOUNT", "HPC_MODEL_DIR",
              "ALLOWED_LOCAL_MEDIA_PATH", "MAX_FILE_SIZE_MB")

@@ -263,3 +263,13 @@ slo: {{ttft_ms: 1000, itl_ms: 100}}
               {**env, "COLUMNS": "250"}).stdout
     assert "workers.prefill.replicas=1" in out and (results / "mocksweep.png").stat().st_size > 10_000
     assert squeue(env) == []
+
+
+def test_dry_run_of_a_variant_starts_nothing(env):
+    out = hpc(["launch", "configs/tiny-variants.yaml", "--variant", "kv_aware", "--nodes", "3", "--dry-run"],
+              {**env, "COLUMNS": "250"})
+    assert "--router kv-aware" in out.stdout and "prefill-0" in out.stdout and "nothing was started" in out.stdout
+    assert "#!/usr/bin/env bash" in out.stdout  # the script it stands for
+    assert squeue(env) == [] and not (REPO / ".hpc" / "tiny-variants-kv_aware.json").exists()
+    bad = hpc(["launch", "configs/tiny-variants.yaml", "--variant", "nope", "--dry-run"], env, check=False)
+    assert bad.returncode == 1 and "no override_nope" in bad.stderr and "Traceback" not in bad.stderr

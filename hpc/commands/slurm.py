@@ -39,11 +39,14 @@ def render(config: Path = typer.Argument(..., help="Deployment YAML"),
            nodes: Optional[int] = typer.Option(None, help="Nodes of the allocation (default: cluster.nodes)"),
            gpus_per_node: Optional[int] = typer.Option(None, help="GPUs per node (default: cluster.gpus_per_node)"),
            port: Optional[int] = typer.Option(None, help="Frontend port (default: the config's)"),
+           variant: Optional[str] = typer.Option(None, help="A variant: the config's base with its override_NAME "
+                                                            "merged in"),
            output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write here instead of stdout")) -> None:
     """Print the launch as a readable srun_disaggregated.sh (or srun_aggregated.sh) to run inside salloc."""
-    from hpc.config import load_deployment
+    from hpc.config import load_deployment, resolve_variant
     from hpc.render import render_script
 
+    config = resolve_variant(config, variant)
     dep = load_deployment(config)
     p = _plan(dep, config, _future_allocation(dep, nodes, gpus_per_node), port, relative=True)
     text = render_script(dep, p, str(config))
@@ -65,19 +68,27 @@ def launch(config: Path = typer.Argument(..., help="Deployment YAML"),
            partition: Optional[str] = typer.Option(None, help="Partition of a new allocation"),
            account: Optional[str] = typer.Option(None, help="Account of a new allocation"),
            port: Optional[int] = typer.Option(None, help="Frontend port (default: the config's; 0: a free one)"),
-           detach: bool = typer.Option(False, "--detach", help="Return once ready; `hpc stop` ends it")) -> None:
+           detach: bool = typer.Option(False, "--detach", help="Return once ready; `hpc stop` ends it"),
+           variant: Optional[str] = typer.Option(None, help="A variant: the config's base with its override_NAME "
+                                                            "merged in"),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan (steps, nodes, GPUs, ranks, "
+                                                                 "commands) and the script it would run; start "
+                                                                 "nothing")) -> None:
     """Start the deployment in a Slurm allocation (the current one, or a new one with --nodes) and wait until
     the model is served. Ctrl-C (or `hpc stop`) stops exactly what it started."""
     import os
     import signal
 
-    from hpc.config import load_deployment
+    from hpc.config import load_deployment, resolve_variant
     from hpc.launch import Launcher, current_allocation, request_allocation, stop_deployment
     from hpc.plan import needed_gpus
     from hpc.slurm import commands
 
+    config = resolve_variant(config, variant)
     dep = load_deployment(config)
     env = dict(os.environ)
+    if dry_run:
+        return _dry_run(dep, config, env, nodes, gpus_per_node, port)
     alloc = current_allocation(env, gpus_per_node)
     if alloc is None:
         if not nodes:
@@ -128,6 +139,27 @@ def launch(config: Path = typer.Argument(..., help="Deployment YAML"),
                                                                       if alloc.created else ""))
 
 
+def _dry_run(dep, config: Path, env: dict, nodes, gpus_per_node, port) -> None:
+    """The plan as a table and the script it stands for; no allocation is asked for and nothing starts."""
+    from hpc.launch import current_allocation
+    from hpc.render import render_script
+    from hpc.slurm.commands import srun_argv, step_env
+
+    alloc = current_allocation(env, gpus_per_node) or _future_allocation(dep, nodes, gpus_per_node)
+    p = _plan(dep, config, alloc, port, relative=True)
+    table = Table("step", "nodes", "ranks", "GPUs", "environment", "command",
+                  title=f"{dep.name}: dry run on {len(alloc.nodes)} node(s) x {alloc.gpus_per_node} GPUs"
+                        + (f" (job {alloc.job_id})" if alloc.job_id else " (no allocation yet)"))
+    for s in p.steps:
+        argv = srun_argv(s, alloc.job_id, "python", dep.name, dep.container)
+        command = " ".join(argv[argv.index("python") - len(s.launcher):])
+        table.add_row(s.name, ",".join(s.nodes), str(s.ntasks), ",".join(map(str, s.gpus)) or "-",
+                      " ".join(f"{k}={v}" for k, v in step_env(s).items()) or "-", command)
+    console.print(table)
+    sys.stdout.write(render_script(dep, p, str(config)))  # as written, for copying: no wrapping
+    console.print("dry run: nothing was started")
+
+
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
@@ -144,15 +176,18 @@ def submit(config: Path = typer.Argument(..., help="Deployment YAML"),
            time_limit: Optional[str] = typer.Option(None, "--time", help="Time limit, e.g. 2:00:00"),
            gpus_per_node: Optional[int] = typer.Option(None, help="GPUs per node"),
            partition: Optional[str] = typer.Option(None), account: Optional[str] = typer.Option(None),
-           port: Optional[int] = typer.Option(None, help="Frontend port (0: a free one)")) -> None:
+           port: Optional[int] = typer.Option(None, help="Frontend port (0: a free one)"),
+           variant: Optional[str] = typer.Option(None, help="A variant: the config's base with its override_NAME "
+                                                            "merged in")) -> None:
     """Submit the launch as a batch job (sbatch); `hpc status`, `hpc logs` and `hpc stop` work on it."""
     import os
 
-    from hpc.config import load_deployment
+    from hpc.config import load_deployment, resolve_variant
     from hpc.launch import STATE_ROOT, LaunchState
     from hpc.render import template
     from hpc.slurm import commands
 
+    config = resolve_variant(config, variant)
     dep = load_deployment(config)
     _plan(dep, config, _future_allocation(dep, nodes, gpus_per_node))  # refuse now, not in the queue hours later
     state_dir = STATE_ROOT / dep.name
