@@ -258,7 +258,7 @@ slo: {{ttft_ms: 1000, itl_ms: 100}}
         # waits for its share of the CPU (frontend, NATS, workers and client all stream tokens): 15 ms a request.
         assert r["ttft_p50_ms"] <= r["concurrency"] * (one_prefill_ms + 15) + 100, r
         assert r["gpus"] == r["workers.prefill.replicas"] + 2 and r["output_tok_s_per_gpu"] > 0  # 1 GPU each
-        assert r["goodput_req_s"] == r["req_s"] and r["slo_ttft_ms"] == 1000
+        assert 0 < r["goodput_req_s"] <= r["req_s"] and r["slo_ttft_ms"] == 1000  # a slow outlier is not good
     assert {r["variant"] for r in rows} == {"workers.prefill.replicas=1", "workers.prefill.replicas=2"}
     out = hpc(["report", str(results / "mocksweep"), "--plot", str(results / "mocksweep.png")],
               {**env, "COLUMNS": "250"}).stdout
