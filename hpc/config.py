@@ -484,13 +484,12 @@ def check_deployment(dep: Deployment, path: Path) -> list[str]:
         if cfg.enable_attention_dp and spec.tensor_parallel_size == 1:
             problems.append(f"{cfg_path}: enable_attention_dp: needs tensor_parallel_size > 1")
         if spec.engine == "trtllm":
-            problems += _trtllm_problems(dep, role, spec, cfg, cfg_path, path)
+            problems += _trtllm_problems(role, cfg, cfg_path)
     problems += _shape_problems(dep, path)
     return problems
 
 
-def _trtllm_problems(dep: "Deployment", role: str, spec: WorkerSpec, cfg: EngineConfig, cfg_path: Path,
-                     path: Path) -> list[str]:
+def _trtllm_problems(role: str, cfg: EngineConfig, cfg_path: Path) -> list[str]:
     problems = []
     if cfg.backend not in (None, "pytorch"):
         problems.append(f"{cfg_path}: backend: {cfg.backend} is not served by hpc's TensorRT-LLM adapter (it drives "

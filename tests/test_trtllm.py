@@ -79,6 +79,15 @@ def test_adapter_disaggregated_equals_aggregated_and_cancels(tiny_model):
             # The handoff is spent: TensorRT-LLM's transceiver released the context KV once read.
             again = await collect(decode.decode_handoff(EngineRequest("c", prompt, sampling), first.handoff))
             assert again == []
+            # A cancel before a generation-only request's first output waits for it (its KV is still arriving),
+            # then aborts: the stream ends cancelled, long before its 500 tokens.
+            handoff = (await prefill.prefill(EngineRequest("g", prompt, sampling))).handoff
+            stream = decode.decode_handoff(EngineRequest("g", prompt, SamplingParams(max_tokens=500)), handoff)
+            first_out = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0)
+            decode.cancel("g")
+            outs = [await first_out] + [o async for o in stream]
+            assert outs[-1].finish_reason == "cancelled" and sum(len(o.token_ids) for o in outs) < 50
             # A consumer that leaves mid-stream aborts the request in the engine.
             stream = agg.generate(EngineRequest("d", prompt, SamplingParams(max_tokens=500)))
             await stream.__anext__()

@@ -56,6 +56,7 @@ class TrtllmEngine:
         self._iteration: dict = {}
         self._prompt_tokens = self._generated_tokens = 0
         self._poller: asyncio.Task | None = None
+        self._aborting: set[asyncio.Task] = set()
 
     # ---- life cycle ------------------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -121,9 +122,9 @@ class TrtllmEngine:
             finished = True
             yield TokenOutput([], "error", f"TensorRT-LLM: {type(e).__name__}: {_one_line(e)}")
         finally:
-            if not finished:
-                self.cancel(rid)
             self._active.pop(rid, None)
+            if not finished:
+                self._abort_when_safe(active)
 
     def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]:
         return self._follow(req.request_id, self._submit(req, self._sampling(req.sampling), streaming=True))
@@ -162,22 +163,33 @@ class TrtllmEngine:
         return self._follow(req.request_id, active, skip=len(params.first_gen_tokens or []))
 
     def cancel(self, request_id: str) -> None:
+        """While a consumer reads the request, a generation-only one is aborted at its next output (`_follow`);
+        anything else at once. A consumer that leaves early ends the request through `_abort_when_safe`."""
         active = self._active.get(request_id)
         if active is None:
             return
         if active.generation_only and not active.first_seen:
-            # TensorRT-LLM cannot abort a generation-only request while its KV is still arriving: abort it at its
-            # first output instead (what NVIDIA's own Dynamo worker does too).
             active.abort_wanted = True
-            asyncio.get_running_loop().create_task(self._abort_at_first_output(active))
-            return
-        self._abort(active)
+        else:
+            self._abort(active)
 
-    async def _abort_at_first_output(self, active: _Active) -> None:
-        deadline = asyncio.get_running_loop().time() + 60
-        while not active.first_seen and not active.aborted and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
-        self._abort(active)
+    def _abort_when_safe(self, active: _Active) -> None:
+        """TensorRT-LLM cannot abort a generation-only request while its KV is still arriving (NVIDIA's own Dynamo
+        worker avoids it too): with no consumer left, read it up to its first output, then abort."""
+        if not active.generation_only or active.first_seen:
+            self._abort(active)
+            return
+
+        async def at_first_output():
+            try:
+                await asyncio.wait_for(anext(active.result, None), 60)
+            except Exception:  # an engine error or the deadline: the abort below is all that is left to do
+                pass
+            self._abort(active)
+
+        task = asyncio.get_running_loop().create_task(at_first_output())
+        self._aborting.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._aborting.discard)
 
     def _abort(self, active: _Active) -> None:
         if not active.aborted:
