@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI
@@ -35,6 +36,36 @@ class FrontendMetrics:
                                  registry=r)
 
 
+class RecentWindow:
+    """Request outcomes and latencies of the last `seconds`, for `hpc status` (Prometheus histograms cover all
+    time; operators watching a deployment want the last minute)."""
+
+    def __init__(self, seconds: float = 60.0):
+        self.seconds = seconds
+        self.ttft: deque[tuple[float, float]] = deque()
+        self.itl: deque[tuple[float, float]] = deque()
+        self.done: deque[tuple[float, bool]] = deque()
+
+    def _trim(self, now: float) -> None:
+        for q in (self.ttft, self.itl, self.done):
+            while q and q[0][0] < now - self.seconds:
+                q.popleft()
+
+    def summary(self) -> dict:
+        now = time.monotonic()
+        self._trim(now)
+
+        def pct(q, p):
+            values = sorted(v for _, v in q)
+            return round(1000 * values[min(len(values) - 1, int(p * len(values)))], 2) if values else None
+
+        failed = sum(1 for _, good in self.done if not good)
+        return {"window_s": self.seconds, "requests": len(self.done), "errors": failed,
+                "req_s": round(len(self.done) / self.seconds, 3), "ttft_p50_ms": pct(self.ttft, 0.5),
+                "ttft_p99_ms": pct(self.ttft, 0.99), "itl_p50_ms": pct(self.itl, 0.5),
+                "itl_p99_ms": pct(self.itl, 0.99)}
+
+
 class Frontend:
     def __init__(self, deployment: str, etcd: str, nats: str, router: str = "round-robin",
                  models: list[str] = (), request_timeout: float = 600.0):
@@ -44,6 +75,12 @@ class Frontend:
         self.declared = set(models)
         self.files: dict[str, ModelFiles] = {}
         self.metrics = FrontendMetrics()
+        self.recent = RecentWindow()
+
+    def count(self, status: str) -> None:
+        """A request's outcome (HTTP status): in the metrics, and in the last minute's (server errors are errors)."""
+        self.metrics.requests.labels(status).inc()
+        self.recent.done.append((time.monotonic(), not status.startswith("5")))
 
     async def start(self) -> None:
         await self.client.start()
@@ -105,6 +142,8 @@ class Frontend:
             async for delta in stream:
                 now = time.perf_counter()
                 (self.metrics.ttft if last is None else self.metrics.itl).observe(now - (last or started))
+                (self.recent.ttft if last is None else self.recent.itl).append((time.monotonic(),
+                                                                                 now - (last or started)))
                 last = now
                 count += len(delta.token_ids)
                 cached += delta.cached_tokens
@@ -158,6 +197,10 @@ def control_app(fe: Frontend, on_ready: Callable[[], None] | None = None) -> Fas
         ready = bool(models) and all(s == "ready" for s in status.values())
         return JSONResponse({"status": "ready" if ready else "not ready", "models": status},
                             status_code=200 if ready else 503)
+
+    @app.get("/stats")
+    async def stats():  # the last minute, for `hpc status`
+        return fe.recent.summary()
 
     @app.get("/metrics")
     async def metrics():

@@ -209,7 +209,7 @@ class GenerationApp:
         try:
             body = await read_body(receive)
         except ClientGone:
-            return self.fe.metrics.requests.labels("499").inc()
+            return self.fe.count("499")
         except ApiError as e:
             return await self.fail(send, e)
         watch = DisconnectWatch(receive, send)
@@ -220,12 +220,12 @@ class GenerationApp:
                 raise
             if hasattr(asyncio.current_task(), "uncancel"):  # Python 3.11+: this cancellation is handled
                 asyncio.current_task().uncancel()
-            self.fe.metrics.requests.labels("499").inc()
+            self.fe.count("499")
         finally:
             watch.stop()
 
     async def fail(self, send, err: ApiError) -> None:
-        self.fe.metrics.requests.labels(str(err.status)).inc()
+        self.fe.count(str(err.status))
         await send_json(send, err.status, {"error": {"message": err.message, "type": err.type, "param": err.param,
                                                      "code": err.status}}, err.headers)
 
@@ -269,7 +269,7 @@ class GenerationApp:
                 text += more
         except Exception as e:
             return await self.fail(send, to_api_error(e))
-        self.fe.metrics.requests.labels("200").inc()
+        self.fe.count("200")
         await send_json(send, 200, chunks.whole(text, reason, n, cached))
 
     async def sse(self, req: Common, chunks: Chunks, first: tuple, events: AsyncIterator) -> AsyncIterator[bytes]:
@@ -283,12 +283,12 @@ class GenerationApp:
                 yield chunks.delta(text, reason, chunks.usage(n, cached) if continuous else None)
         except Exception as e:  # after the first token: report in the stream, never hang it
             err = to_api_error(e)
-            self.fe.metrics.requests.labels(str(err.status)).inc()
+            self.fe.count(str(err.status))
             yield sse_event({"error": {"message": err.message, "type": err.type, "code": err.status}})
         else:
             if opts and opts.include_usage:
                 yield chunks.final_usage(n, cached)
-            self.fe.metrics.requests.labels("200").inc()
+            self.fe.count("200")
         yield b"data: [DONE]\n\n"
 
     @staticmethod

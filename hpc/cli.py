@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List
@@ -18,8 +19,10 @@ app = typer.Typer(help="Disaggregated LLM serving on Slurm clusters.", no_args_i
 localcluster_app = typer.Typer(help="A real multi-node Slurm cluster on this host, for tests and laptops.",
                                no_args_is_help=True)
 app.add_typer(localcluster_app, name="localcluster")
-console = Console()
-err = Console(stderr=True)
+# Piped or captured output (logs, CI, `| grep`) gets wide lines instead of rich's 80 columns, so tables keep their
+# names whole; COLUMNS still wins.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else 160)
 
 
 @app.command()

@@ -209,6 +209,17 @@ class Media(Strict):
     max_file_size_mb: float = Field(50, gt=0)
 
 
+class Restart(Strict):
+    """What the launcher does when a step dies: start it again in the same place, after `backoff_s` (doubling with
+    each restart in the window, at most 30 s), at most `max` times per `window_s`; then it gives the step up."""
+
+    max: int = Field(3, ge=0)  # 0: never restart
+    window_s: float = Field(600, gt=0)
+    backoff_s: float = Field(1.0, ge=0)
+    # A worker whose step runs but that has been missing from etcd this long (hung, or cut off) is restarted.
+    unregistered_s: float = Field(20, gt=0)
+
+
 class Deployment(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
     model: ModelSpec
@@ -219,6 +230,7 @@ class Deployment(Strict):
     workers: Workers
     transfer: Transfer = Transfer()
     media: Media = Media()
+    restart: Restart = Restart()
 
     # Set by the loader, not by the YAML: where the file lives (engine_config paths are relative to it) and the
     # engine YAMLs it read while checking, so that planning (hpc/plan.py) reads no file.

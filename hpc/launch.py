@@ -4,15 +4,18 @@ steps are cancelled (scancel JOB.STEP) and, if it asked for the allocation, the 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from hpc.config import Deployment
 from hpc.errors import HpcError
@@ -34,9 +37,14 @@ class LaunchState:
     gpus_per_node: int = 0
     endpoints: dict = field(default_factory=dict)
     frontend_url: str | None = None
-    steps: dict = field(default_factory=dict)  # name -> {"nodes", "pid", "log", "role"}
+    # name -> {"nodes", "role", "ntasks", "log", "pid", "start", "argv", "env", "restarts", ...}: what runs, and
+    # how to run it again (the supervisor restarts a step with the same command line)
+    steps: dict = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     ready_after: float | None = None
+    run_dir: str = ""  # runs/<deployment>-<job or time>/: config, script, plan, logs, restarts, benchmarks
+    supervisor: dict = field(default_factory=dict)  # {"pid", "start", "host"} of the process that restarts steps
+    restart: dict = field(default_factory=dict)  # the deployment's restart policy
 
     @staticmethod
     def path(deployment: str) -> Path:
@@ -45,7 +53,9 @@ class LaunchState:
     def save(self) -> None:
         p = self.path(self.deployment)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(asdict(self), indent=2))
+        tmp = p.with_suffix(".json.tmp")  # readers never see half a file
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.rename(p)
 
     @classmethod
     def load(cls, deployment: str | None) -> "LaunchState":
@@ -60,6 +70,37 @@ class LaunchState:
             return cls(**json.loads(path.read_text()))
         except FileNotFoundError:
             raise HpcError(f"no deployment {deployment!r} launched from here ({path} not found)") from None
+
+
+@contextmanager
+def locked_state(deployment: str) -> Iterator[LaunchState]:
+    """Read, change and write the state under a lock: the supervisor, `hpc scale` and `hpc stop` all write it."""
+    STATE_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(STATE_ROOT / f"{deployment}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = LaunchState.load(deployment)
+        yield state
+        state.save()
+
+
+def spawn_step(name: str, argv: list[str], env: dict, log: Path, header: str | None = None) -> subprocess.Popen:
+    """Start one srun step with its output in `log`: a fresh log, or appended after `header` (a restart)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab" if header else "wb") as out:
+        if header:
+            out.write(f"\n--- {header} ---\n".encode())
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **env}, start_new_session=True)
+
+
+def run_folder(dep_name: str, job_id: str | None, root: Path = Path("runs")) -> Path:
+    """runs/<deployment>-<job>/ (or -<date-time> outside Slurm), never reused."""
+    base = root / f"{dep_name}-{job_id or time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}.{n}")
+    return path
 
 
 def current_allocation(env: dict, gpus_per_node: int | None) -> Allocation | None:
@@ -106,32 +147,57 @@ def request_allocation(name: str, nodes: int, gpus_per_node: int | None, time_li
 
 class Launcher:
     def __init__(self, dep: Deployment, plan: Plan, env: dict | None = None, python: str = sys.executable,
-                 state: LaunchState | None = None):
+                 state: LaunchState | None = None, run_dir: Path | None = None):
         self.dep, self.plan = dep, plan
         self.env = dict(env if env is not None else os.environ)
         self.python = python if dep.container is None else "python3"
         self.state_dir = (STATE_ROOT / dep.name).resolve()
         # A submitted job (hpc submit) is ours to end: `hpc stop` then cancels the whole job.
         ours = plan.allocation.created or self.env.get("HPC_SUBMITTED") == "1"
-        self.state = state or LaunchState(dep.name, plan.config, plan.allocation.job_id, ours,
-                                          list(plan.allocation.nodes), str(self.state_dir),
-                                          plan.allocation.gpus_per_node)
+        if state is None:
+            run = (run_dir or run_folder(dep.name, plan.allocation.job_id)).resolve()
+            state = LaunchState(dep.name, plan.config, plan.allocation.job_id, ours, list(plan.allocation.nodes),
+                                str(self.state_dir), plan.allocation.gpus_per_node, run_dir=str(run),
+                                restart=dep.restart.model_dump())
+        self.state = state
+        self.run_dir = Path(self.state.run_dir or self.state_dir)
         self.popens: dict[str, subprocess.Popen] = {}
 
     def _spawn(self, step: Step, extra_env: dict) -> None:
-        log = self.state_dir / "logs" / f"{step.name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
+        log = self.run_dir / "logs" / f"{step.name}.log"
         argv = commands.srun_argv(step, self.plan.allocation.job_id, self.python, self.dep.name, self.dep.container)
+        # What differs from this environment: kept in the state, so the supervisor starts the step the same way.
         env = {**self.env, **extra_env, **commands.step_env(step)}
         if self.dep.container:
             env.update(self.dep.container.env)
-        with open(log, "wb") as out:  # fresh: readiness is read from this log
-            popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True)
+        env = {k: v for k, v in env.items() if os.environ.get(k) != v}
+        popen = spawn_step(step.name, argv, env, log)  # fresh: readiness is read from this log
         self.popens[step.name] = popen
-        self.state.steps[step.name] = {"nodes": list(step.nodes), "pid": popen.pid, "start": Pid.of(popen.pid).start,
-                                       "log": str(log), "role": step.role, "ntasks": step.ntasks}
-        self.state.save()
+        info = {"nodes": list(step.nodes), "pid": popen.pid, "start": Pid.of(popen.pid).start, "log": str(log),
+                "role": step.role, "ntasks": step.ntasks, "argv": argv, "env": env, "restarts": []}
+        self.state.steps[step.name] = info
+        if self.state.path(self.dep.name).exists():
+            with locked_state(self.dep.name) as fresh:  # a supervisor may be writing too
+                fresh.steps[step.name] = info
+        else:
+            self.state.save()
+
+    def record_run(self, config_text: str, script: str) -> None:
+        """The run folder: what was launched (resolved config, engine YAMLs, script, plan), before it starts."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(config_text)
+        for role, spec in self.dep.workers.items():
+            if spec.engine_config:
+                source = Path(self.plan.config).parent / spec.engine_config
+                if source.is_file():
+                    (self.run_dir / "engines").mkdir(exist_ok=True)
+                    (self.run_dir / "engines" / f"{role}.yaml").write_text(source.read_text())
+        (self.run_dir / "script.sh").write_text(script)
+        (self.run_dir / "plan.json").write_text(json.dumps(asdict(self.plan), indent=2, default=str))
+        (self.run_dir / "run.json").write_text(json.dumps(
+            {"deployment": self.dep.name, "config": self.plan.config, "job_id": self.plan.allocation.job_id,
+             "nodes": list(self.plan.allocation.nodes), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+             "command": " ".join(["hpc", *sys.argv[1:]])}, indent=2))
 
     def _wait(self, name: str, check: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -171,12 +237,23 @@ class Launcher:
         fe_log = Path(self.state.steps["frontend"]["log"])
         self._wait("frontend", lambda: "HPC_FRONTEND_READY" in fe_log.read_text(errors="replace"), 60)
         self.state.frontend_url = re.search(r"HPC_FRONTEND_READY (\S+)", fe_log.read_text()).group(1)
+        self._pin_frontend_port()
         on_ready("frontend", f"{head.nodes[0]}  {self.state.frontend_url}", time.monotonic() - t0)
         self.wait_workers(self.plan.workers(), on_ready, t0, timeout)
         self._wait("frontend", self.healthy, 60)
         self.state.ready_after = time.monotonic() - t0
-        self.state.save()
+        with locked_state(self.dep.name) as fresh:
+            fresh.ready_after, fresh.endpoints = self.state.ready_after, self.state.endpoints
         on_ready("model", f"{self.dep.model.name} at {self.state.frontend_url}/v1", self.state.ready_after)
+
+    def _pin_frontend_port(self) -> None:
+        """A frontend started on a free port (--port 0) comes back on the same one if it is restarted."""
+        port = self.state.frontend_url.rsplit(":", 1)[-1]
+        with locked_state(self.dep.name) as fresh:
+            argv = fresh.steps["frontend"]["argv"]
+            argv[argv.index("--port") + 1] = port
+            fresh.frontend_url = self.state.frontend_url
+            self.state.steps["frontend"]["argv"] = argv
 
     def wait_workers(self, steps: list[Step], on_ready, t0: float, timeout: float) -> None:
         for step in steps:
@@ -212,27 +289,43 @@ def _error_line(log: Path, tail_bytes: int = 65536) -> str | None:
 
 
 def stop_steps(state: LaunchState, names: list[str], env: dict, timeout: float = 60) -> list[str]:
-    """Cancel some worker steps (SIGTERM: each worker leaves etcd, then finishes its requests) and wait."""
+    """Cancel some worker steps (SIGTERM: each worker leaves etcd, then finishes its requests) and wait. They are
+    marked as retiring first, so the supervisor does not start them again."""
+    with locked_state(state.deployment) as fresh:
+        for n in names:
+            if n in fresh.steps:
+                fresh.steps[n]["retiring"] = True
     running = commands.job_steps(state.job_id, env)
     ids = [running[f"hpc.{state.deployment}.{n}"] for n in names if f"hpc.{state.deployment}.{n}" in running]
     commands.scancel(ids, env)
     deadline = time.monotonic() + timeout
+    left = list(names)
     while time.monotonic() < deadline:
         left = [n for n in names if f"hpc.{state.deployment}.{n}" in commands.job_steps(state.job_id, env)]
         if not left:
             break
         time.sleep(0.2)
-    for n in names:
-        if n not in left:
-            state.steps.pop(n, None)
-    state.save()
+    with locked_state(state.deployment) as fresh:
+        for n in names:
+            if n not in left:
+                fresh.steps.pop(n, None)
+        state.steps = fresh.steps
     return left
+
+
+def stop_supervisor(state: LaunchState, timeout: float = 60) -> bool:
+    """Stop the process that restarts steps (on this host) before stopping the steps. An interactive `hpc launch`
+    is that process: it then stops the deployment itself. True when none is left running."""
+    sup = state.supervisor
+    if not sup or sup.get("host") != socket.gethostname() or sup.get("pid") == os.getpid():
+        return True
+    return stop(Pid(sup["pid"], sup["start"]), timeout=timeout)
 
 
 def stop_deployment(state: LaunchState, env: dict, timeout: float = 30) -> list[str]:
     """Cancel the deployment's own steps (workers first, then frontend, then head), confirm they are gone,
     release the allocation if we asked for it. Returns what is still there."""
-    left = []
+    left = [] if stop_supervisor(state) else [f"supervisor (pid {state.supervisor['pid']})"]
     if state.job_id and commands.job_state(state.job_id, env):
         names = list(state.steps)
         order = [n for n in names if n not in ("frontend", "head")] + [n for n in ("frontend", "head") if n in names]

@@ -31,6 +31,7 @@ class Service:
     data_dir: Path
     log: Path
     popen: subprocess.Popen = field(repr=False)
+    peer_port: int = 0  # etcd's: a restart on the same data directory keeps its member's peer URL
 
     @property
     def pid(self) -> Pid:
@@ -49,11 +50,11 @@ def _etcd_healthy(url: str) -> bool:
 
 
 def start_etcd(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: float = 20,
-               advertise: str | None = None) -> Service:
+               advertise: str | None = None, peer_port: int = 0) -> Service:
     """etcd listening on `host` (0.0.0.0 for every interface), reachable by others as `advertise`."""
     exe = require_binary("etcd")
     port = port or free_port(host)
-    peer = free_port(host)
+    peer = peer_port or free_port(host)
     listen, url = f"http://{host}:{port}", f"http://{advertise or host}:{port}"
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "etcd.log"
@@ -63,7 +64,7 @@ def start_etcd(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: 
                    "--initial-advertise-peer-urls", f"http://{advertise or host}:{peer}",
                    "--initial-cluster", f"hpc-{port}=http://{advertise or host}:{peer}",
                    "--log-level", "warn"], log)
-    service = Service("etcd", url, data_dir, log, popen)
+    service = Service("etcd", url, data_dir, log, popen, peer)
     try:
         wait_until(lambda: _etcd_healthy(f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"), timeout,
                    f"etcd on {url}", alive=lambda: popen.poll() is None, log=log)

@@ -78,7 +78,7 @@ def test_launch_creates_allocation_serves_and_stop_releases(env, tiny_model):
     state = json.loads((REPO / ".hpc" / "tiny-disagg.json").read_text())
     assert chat(state["frontend_url"]) == reference_answer(tiny_model, 10)
     status = hpc(["status", "tiny-disagg"], env).stdout
-    assert "prefill-0" in status and "yes" in status and '"ready"' in status
+    assert "prefill-0" in status and "yes" in status and "frontend: ready" in status
     assert "HPC_WORKER_READY prefill-0" in hpc(["logs", "prefill-0"], env).stdout
     t0 = time.monotonic()
     assert "allocation" in hpc(["stop", "tiny-disagg"], env).stdout

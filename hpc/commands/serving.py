@@ -121,6 +121,12 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
     out.write_text(json.dumps({"url": url, "model": name, "isl": isl, "osl": osl, "gpus": gpus,
                                "date": clock.strftime("%Y-%m-%d"), "command": command, "rows": rows}, indent=2))
     console.print(f"results: {out}")
+    run_dir = _run_dir_of_deployment_at(url)
+    if run_dir:  # the run folder keeps what was measured against it
+        kept = run_dir / "bench" / f"{clock.strftime('%Y%m%d-%H%M%S')}-{out.name}"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(out.read_text())
+        console.print(f"kept in the run folder: {kept}")
     if export:
         console.print(f"aiperf-style exports: {export}/concurrency_N/")
     if plot:
@@ -130,6 +136,21 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
     errors = [r.get("first_error") for r in rows if r["errors"]]
     if errors:
         raise HpcError(f"{sum(r['errors'] for r in rows)} requests failed; first: {errors[0]}")
+
+
+def _run_dir_of_deployment_at(url: str) -> Path | None:
+    import json
+
+    from hpc.launch import STATE_ROOT
+
+    for state in STATE_ROOT.glob("*.json"):
+        try:
+            data = json.loads(state.read_text())
+        except (OSError, ValueError):
+            continue
+        if (data.get("frontend_url") or "").rstrip("/") == url and data.get("run_dir"):
+            return Path(data["run_dir"])
+    return None
 
 
 def _gpus_of_deployment_at(url: str) -> int:

@@ -71,6 +71,7 @@ def launch(config: Path = typer.Argument(..., help="Deployment YAML"),
            detach: bool = typer.Option(False, "--detach", help="Return once ready; `hpc stop` ends it"),
            variant: Optional[str] = typer.Option(None, help="A variant: the config's base with its override_NAME "
                                                             "merged in"),
+           run_dir: Optional[Path] = typer.Option(None, help="The run folder (default: runs/NAME-JOB/)"),
            dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan (steps, nodes, GPUs, ranks, "
                                                                  "commands) and the script it would run; start "
                                                                  "nothing")) -> None:
@@ -106,7 +107,11 @@ def launch(config: Path = typer.Argument(..., help="Deployment YAML"),
         if alloc.created:  # it cannot run here: give back what we asked for
             commands.scancel([alloc.job_id], env)
         raise
-    launcher = Launcher(dep, p, env)
+    launcher = Launcher(dep, p, env, run_dir=run_dir)
+    from hpc.render import render_script
+
+    launcher.record_run(config.read_text(), render_script(dep, _plan(dep, config, alloc, port, relative=True),
+                                                          str(config)))
     stopping = False
 
     def ready(name: str, detail: str, seconds: float) -> None:
@@ -115,12 +120,14 @@ def launch(config: Path = typer.Argument(..., help="Deployment YAML"),
     try:
         launcher.start(ready)
         console.print(f"ready: model [bold]{dep.model.name}[/bold] at [bold]{launcher.state.frontend_url}/v1"
-                      f"[/bold]   (hpc stop to end)")
+                      f"[/bold]   (hpc stop to end; run folder {launcher.run_dir})")
         if detach:
+            _detached_supervisor(dep.name, launcher.run_dir, env)
             return
         signal.signal(signal.SIGTERM, _interrupt)
-        while True:
-            signal.pause()
+        from hpc.supervise import Supervisor
+
+        Supervisor(dep.name, env, say=lambda line: console.print(f"  [yellow]↻[/yellow] {line}")).run()
     except KeyboardInterrupt:
         stopping = True
     except BaseException:
@@ -162,6 +169,23 @@ def _dry_run(dep, config: Path, env: dict, nodes, gpus_per_node, port) -> None:
 
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
+
+
+def _detached_supervisor(name: str, run_dir: Path, env: dict) -> None:
+    """With --detach, a process of its own keeps restarting what dies (its log: RUN/supervisor.log)."""
+    from hpc.procs import Pid, spawn
+
+    popen = spawn([sys.executable, "-m", "hpc.supervise", name], run_dir / "supervisor.log", env=env)
+    pid = Pid.of(popen.pid)  # it records itself in the state; wait for that so `hpc stop` finds it
+    import time
+
+    from hpc.launch import LaunchState
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 10 and LaunchState.load(name).supervisor.get("pid") != popen.pid:
+        if not pid.alive():
+            raise HpcError(f"the supervisor exited at start; see {run_dir / 'supervisor.log'}")
+        time.sleep(0.05)
 
 
 def _sbatch_extra(gpus_per_node, time_limit, partition, account) -> list[str]:
@@ -319,66 +343,97 @@ def stop_cmd(deployment: Optional[str] = typer.Argument(None, help="Deployment n
 
 
 @app.command()
-def status(deployment: Optional[str] = typer.Argument(None, help="Deployment name (default: the latest)")) -> None:
-    """Components, where they run, whether their steps are alive, and the workers registered in etcd."""
-    import asyncio
+def status(deployment: Optional[str] = typer.Argument(None, help="Deployment name (default: the latest)"),
+           watch: bool = typer.Option(False, "--watch", "-w", help="A live view, refreshed until Ctrl-C"),
+           interval: float = typer.Option(2.0, help="Seconds between refreshes with --watch"),
+           as_json: bool = typer.Option(False, "--json", help="The snapshot as JSON, for scripts")) -> None:
+    """Every component: node, step, state, restarts, registration; each worker's queue, running requests, KV
+    blocks and tokens/s; the frontend's last minute (requests/s, TTFT and ITL p50/p99)."""
+    import json
     import os
-    import urllib.request
+
+    from rich.live import Live
 
     from hpc.launch import LaunchState
-    from hpc.slurm import commands
+    from hpc.status import render, snapshot
 
-    state = LaunchState.load(deployment)
     env = dict(os.environ)
-    job = commands.job_state(state.job_id, env) if state.job_id else None
-    steps = commands.job_steps(state.job_id, env) if job else {}
-    console.print(f"deployment [bold]{state.deployment}[/bold]  job {state.job_id} ({job or 'gone'})  "
-                  f"frontend {state.frontend_url}")
-    registered = asyncio.run(_registered(state)) if state.endpoints and job else set()
-    table = Table("component", "nodes", "step", "registered")
-    for name, info in state.steps.items():
-        sid = steps.get(f"hpc.{state.deployment}.{name}")
-        reg = "" if info.get("role") is None else ("[green]yes[/green]" if name in registered else "[red]no[/red]")
-        table.add_row(name, ",".join(info["nodes"]), f"[green]{sid}[/green]" if sid else "[red]gone[/red]", reg)
+    state = LaunchState.load(deployment)
+    if as_json:
+        sys.stdout.write(json.dumps(snapshot(state, env), indent=2) + "\n")
+        return
+    if not watch:
+        console.print(render(snapshot(state, env)))
+        return
+    try:
+        with Live(render(snapshot(state, env)), console=console, auto_refresh=False) as live:
+            while True:
+                live.update(render(snapshot(LaunchState.load(state.deployment), env, listen_s=interval)),
+                            refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def runs(root: Path = typer.Option(Path("runs"), help="Where run folders are")) -> None:
+    """The run folders of launches from here, newest first: deployment, job, start, restarts, state."""
+    import json
+
+    from hpc.launch import STATE_ROOT
+
+    folders = sorted((d for d in root.glob("*/run.json")), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not folders:
+        raise HpcError(f"no runs in {root}/ yet (each `hpc launch` makes one)")
+    live = set()
+    for f in STATE_ROOT.glob("*.json"):
+        try:
+            live.add(json.loads(f.read_text()).get("run_dir"))
+        except (OSError, ValueError):
+            pass
+    table = Table("run", "deployment", "job", "started", "restarts", "state", title=f"runs in {root}/")
+    for f in folders:
+        run = json.loads(f.read_text())
+        restarts = f.parent / "restarts.log"
+        count = sum("started again" in line for line in restarts.read_text().splitlines()) if restarts.exists() else 0
+        table.add_row(f.parent.name, run["deployment"], str(run.get("job_id") or "-"), run["started"], str(count),
+                      "[green]running[/green]" if str(f.parent.resolve()) in live else "ended")
     console.print(table)
+
+
+def _log_of(component: str, deployment: Optional[str]) -> Path:
+    """The component's log: of the running deployment, else of the latest run folder (of that deployment)."""
+    from hpc.launch import LaunchState
+
+    name = component.replace("/", "-")
     try:
-        with urllib.request.urlopen(f"{state.frontend_url}/health", timeout=3) as r:
-            console.print(f"health: {r.read().decode()}")
-    except OSError as e:
-        console.print(f"health: [red]{getattr(e, 'code', None) or e}[/red]")
-
-
-async def _registered(state) -> set[str]:
-    from hpc.runtime import discovery
-    from hpc.runtime.discovery import WorkerDirectory
-    from hpc.runtime.protocol import Keys
-
-    try:
-        client = await discovery.connect(state.endpoints["etcd"], timeout=3)
+        state = LaunchState.load(deployment)
+        runs = [Path(state.run_dir)] if state.run_dir else []
+        info = state.steps.get(name)
+        if info:
+            return Path(info["log"])
+        known = list(state.steps)
     except HpcError:
-        return set()
-    try:
-        d = WorkerDirectory(client, Keys(state.deployment).workers)
-        await d.refresh()
-        return {w.worker_id for w in d.workers.values()}
-    finally:
-        await client.close()
+        pattern = f"{deployment}-*" if deployment else "*"
+        runs = sorted(Path("runs").glob(f"{pattern}/run.json"), key=lambda p: p.stat().st_mtime)[-1:]
+        runs = [r.parent for r in runs]
+        known = []
+    for run in runs:
+        log = run / "logs" / f"{name}.log"
+        if log.exists():
+            return log
+        known = known or sorted(p.stem for p in (run / "logs").glob("*.log"))
+    raise HpcError(f"no log of {component!r}" + (f" (have: {', '.join(known)})" if known else
+                                                 " (no deployment or run folder here)"))
 
 
 @app.command()
 def logs(component: str = typer.Argument(..., help="e.g. frontend, head, prefill-0"),
          deployment: Optional[str] = typer.Option(None, help="Deployment name (default: the latest)"),
          follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new lines")) -> None:
-    """Print a component's log."""
+    """Print a component's log (of the running deployment, else of the latest run)."""
     import time
 
-    from hpc.launch import LaunchState
-
-    state = LaunchState.load(deployment)
-    info = state.steps.get(component.replace("/", "-"))
-    if info is None:
-        raise HpcError(f"no component {component!r} in {state.deployment} (have: {', '.join(state.steps)})")
-    with open(info["log"], errors="replace") as f:
+    with open(_log_of(component, deployment), errors="replace") as f:
         sys.stdout.write(f.read())
         while follow:
             line = f.readline()

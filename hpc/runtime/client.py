@@ -1,21 +1,24 @@
 """Sends a request through a deployment: to an aggregated worker, or to a prefill worker and then a decode worker
 with the KV handle. Used by the frontend, `hpc bench` and the tests.
 
-Every wait has a deadline, and a request waiting on a worker that leaves etcd fails at once (PeerGone) instead of
-waiting out its timeout. A consumer that stops early cancels the request on the workers. Every async generator
+Every wait has a deadline, and a request waiting on a worker that dies fails within a second (PeerGone) instead of
+waiting out its timeout or the worker's etcd lease: every LIVENESS_INTERVAL the client asks NATS whether anything
+still serves each worker it waits on. A request whose worker dies before the first token is sent again, once, to
+another worker of the role. A consumer that stops early cancels the request on the workers. Every async generator
 here is closed with `aclosing`, so its cleanup runs at once, not later from the garbage collector."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import uuid
 from contextlib import aclosing
 from typing import AsyncIterator, Callable
 
 from hpc.runtime import discovery
 from hpc.runtime.discovery import WorkerDirectory
-from hpc.runtime.messaging import Bus
+from hpc.runtime.messaging import Bus, PeerGone
 from hpc.runtime.protocol import (ErrorReply, GenerateRequest, Keys, PrefillResult, Sampling, StatsRequest, Subjects,
                                   TokenDelta, WorkerInfo, WorkerStats, decode_reply, encode)
 
@@ -31,7 +34,10 @@ class NoWorkers(ServingError):
         super().__init__("unavailable", message)
 
 
+log = logging.getLogger("hpc.client")
 Chooser = Callable[[str, list[WorkerInfo], GenerateRequest], WorkerInfo]
+LIVENESS_INTERVAL = 0.25  # seconds between probes of the workers a request waits on
+_PROBE = encode(StatsRequest())
 
 
 class RoundRobin:
@@ -59,9 +65,25 @@ class ServingClient:
         self.etcd = await discovery.connect(self.etcd_url)
         self.directory = WorkerDirectory(self.etcd, Keys(self.deployment).workers)
         await self.directory.start()
+        self._liveness = asyncio.create_task(self._watch_liveness())
         return self
 
+    async def _watch_liveness(self) -> None:
+        """Probe the workers requests wait on (a dead one fails them now) and those found dead (one that answers
+        again, after a NATS reconnect, is routed to again)."""
+        while True:
+            await asyncio.sleep(LIVENESS_INTERVAL)
+            busy = [w for w in self.directory.workers.values() if self.in_flight.get(w.worker_id)]
+            lost = self.directory.lost_workers()
+            answers = await asyncio.gather(*(self.bus.probe(w.subject, _PROBE, LIVENESS_INTERVAL) for w in busy + lost))
+            for w, alive in zip(busy + lost, answers):
+                if alive is False:
+                    self.directory.lost(w.worker_id)
+                elif alive and w in lost:
+                    self.directory.found(w.worker_id)
+
     async def close(self) -> None:
+        self._liveness.cancel()
         await self.directory.stop()
         await self.bus.close()
         try:
@@ -78,16 +100,15 @@ class ServingClient:
     def models(self) -> set[str]:
         return self.directory.models()
 
-    def _pick(self, role: str, req: GenerateRequest) -> WorkerInfo | None:
-        workers = self.directory.by_role(role, req.model)
+    def _pick(self, role: str, req: GenerateRequest, avoid: str | None = None) -> WorkerInfo | None:
+        workers = [w for w in self.directory.by_role(role, req.model) if w.worker_id != avoid]
         return self.choose(role, workers, req) if workers else None
 
     async def generate(self, model: str, token_ids: list[int], sampling: Sampling = Sampling(),
                        request_id: str | None = None) -> AsyncIterator[TokenDelta]:
         req = GenerateRequest(request_id or uuid.uuid4().hex, model, list(token_ids), sampling)
-        agg = self._pick("aggregated", req)
-        if agg is not None:
-            stream = self._stream(agg, req)
+        if self.directory.by_role("aggregated", req.model):
+            stream = self._aggregated(req)
         else:
             stream = self._disaggregated(req)
         finished = False
@@ -102,16 +123,48 @@ class ServingClient:
             if not finished:  # the consumer left early, or an error: stop the work on the workers
                 await self.bus.publish(self.subjects.cancel(req.request_id), b"")
 
-    async def _disaggregated(self, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
+    async def _aggregated(self, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        worker, sent = self._pick("aggregated", req), False
+        if worker is None:
+            raise NoWorkers(f"no worker serves model {req.model!r}")
+        try:
+            async with aclosing(self._stream(worker, req)) as deltas:
+                async for delta in deltas:
+                    sent = True
+                    yield delta
+        except PeerGone:
+            retry = None if sent else self._pick("aggregated", req, avoid=worker.worker_id)
+            if retry is None:
+                raise
+            log.warning("request %s: %s left before the first token; sent to %s", req.request_id, worker.worker_id,
+                        retry.worker_id)
+            async with aclosing(self._stream(retry, req)) as deltas:  # nothing was sent: once more, elsewhere
+                async for delta in deltas:
+                    yield delta
+
+    async def _prefill(self, req: GenerateRequest) -> tuple[WorkerInfo, PrefillResult]:
+        """The first token and the KV handle; a prefill worker that dies first is replaced by another, once."""
         prefill = self._pick("prefill", req)
         if prefill is None:
             raise NoWorkers(f"no prefill worker serves model {req.model!r}" if self.directory.by_role("decode", req.model)
                             else f"no worker serves model {req.model!r}")
-        result = None
-        async with aclosing(self._replies(prefill, req)) as replies:
-            async for batch in replies:
-                result = batch[0]
-                break
+        for attempt in (0, 1):
+            try:
+                async with aclosing(self._replies(prefill, req)) as replies:
+                    async for batch in replies:
+                        return prefill, batch[0]
+                raise ServingError("internal", f"prefill worker {prefill.worker_id} sent nothing")
+            except PeerGone:
+                other = self._pick("prefill", req, avoid=prefill.worker_id) if attempt == 0 else None
+                if other is None:
+                    raise
+                log.warning("request %s: %s left before the first token; sent to %s", req.request_id,
+                            prefill.worker_id, other.worker_id)
+                prefill = other
+        raise AssertionError("unreachable")
+
+    async def _disaggregated(self, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        prefill, result = await self._prefill(req)
         if not isinstance(result, PrefillResult):
             raise ServingError("internal", f"prefill worker {prefill.worker_id} sent {type(result).__name__}")
         yield TokenDelta(req.request_id, [result.first_token], result.finish_reason, result.cached_tokens)
@@ -157,6 +210,9 @@ class ServingClient:
                     if error:  # the replies before the error first
                         yield replies[:error]
                     raise ServingError(replies[error].code, f"{worker.role} worker {wid}: {replies[error].message}")
+        except PeerGone:
+            self.directory.lost(wid)  # also when NATS said so first: route nothing more there
+            raise
         finally:
             self.in_flight[wid] -= 1
             if not self.in_flight[wid]:  # no entry left behind for workers that come and go

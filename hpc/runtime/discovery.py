@@ -78,11 +78,16 @@ class Registration:
 
 
 class WorkerDirectory:
-    """The live set of workers of a deployment: a snapshot, then a watch; re-synced after any watch failure."""
+    """The live set of workers of a deployment: a snapshot, then a watch; re-synced after any watch failure.
+
+    A worker found dead before its lease ends (NATS says nothing serves its subject any more) is `lost`: left out
+    at once, until it registers again or answers once more (a NATS reconnect, not a death)."""
 
     def __init__(self, client: aetcd.Client, prefix: str):
         self.client, self.prefix = client, prefix
-        self.workers: dict[str, WorkerInfo] = {}
+        self.workers: dict[str, WorkerInfo] = {}  # what etcd holds, less the lost
+        self._registered: dict[str, WorkerInfo] = {}  # what etcd holds
+        self.lost_ids: set[str] = set()
         self._gone: dict[str, asyncio.Future] = {}
         self._listeners: list[Callable[[], None]] = []
         self._task: asyncio.Task | None = None
@@ -130,10 +135,27 @@ class WorkerDirectory:
         self.synced.set()
         return result.header.revision if result.header else 0
 
+    def lost(self, worker_id: str) -> None:
+        """Leave out a worker found dead before etcd says so; its waiters fail now."""
+        if worker_id not in self.lost_ids:
+            self.lost_ids.add(worker_id)
+            self._replace(self._registered)
+
+    def found(self, worker_id: str) -> None:
+        if worker_id in self.lost_ids:
+            self.lost_ids.discard(worker_id)
+            self._replace(self._registered)
+
+    def lost_workers(self) -> list[WorkerInfo]:
+        return [w for w in self._registered.values() if w.worker_id in self.lost_ids]
+
     def _replace(self, fresh: dict[str, WorkerInfo]) -> None:
         before = {w.worker_id for w in self.workers.values()}
-        self.workers = fresh
-        after = {w.worker_id for w in fresh.values()}
+        self._registered = fresh
+        registered = {w.worker_id for w in fresh.values()}
+        self.lost_ids &= registered  # a lost worker whose lease has ended is simply gone
+        self.workers = {k: w for k, w in fresh.items() if w.worker_id not in self.lost_ids}
+        after = {w.worker_id for w in self.workers.values()}
         for wid in before - after:
             fut = self._gone.pop(wid, None)
             if fut is not None and not fut.done():
@@ -149,13 +171,14 @@ class WorkerDirectory:
                     revision = await self.refresh()
                 watch = await self.client.watch_prefix(self.prefix.encode(), start_revision=revision + 1)
                 async for event in watch:
-                    fresh = dict(self.workers)
+                    fresh = dict(self._registered)
                     key = event.kv.key.decode()
                     if event.kind == "PUT":
                         try:
                             fresh[key] = decode_worker_info(event.kv.value)
                         except Exception:
                             continue
+                        self.lost_ids.discard(fresh[key].worker_id)  # registered again: a new process
                     else:
                         fresh.pop(key, None)
                     revision = event.kv.mod_revision

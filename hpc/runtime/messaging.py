@@ -112,6 +112,18 @@ class Bus:
     async def subscribe(self, subject: str, cb) -> object:
         return await self.nc.subscribe(subject, cb=cb)
 
+    async def probe(self, subject: str, data: bytes, timeout: float) -> bool | None:
+        """Whether anything serves `subject`: False when the server says no subscriber is left (it knows at once
+        when a process dies: its connection closes), True on an answer, None when unsure (a timeout: busy or
+        stopped, or NATS itself unreachable)."""
+        try:
+            await self.nc.request(subject, data, timeout=timeout)
+            return True
+        except nats.errors.NoRespondersError:
+            return False
+        except Exception:
+            return None
+
     async def request(self, subject: str, data: bytes, timeout: float) -> bytes:
         async with aclosing(self.stream(subject, data, timeout, timeout)) as replies:
             async for batch in replies:

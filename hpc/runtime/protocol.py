@@ -114,6 +114,7 @@ class WorkerStats(msgspec.Struct, frozen=True, tag="worker_stats"):
     kv_seconds: float = 0.0
     prompt_tokens: int = 0
     reused_prompt_tokens: int = 0  # of those, tokens whose KV the prefix cache held (block reuse)
+    generated_tokens: int = 0  # output tokens since start (decode tokens/s from two reports)
 
 
 Request = Union[GenerateRequest, StatsRequest]
