@@ -10,6 +10,9 @@ job array (each task launches its variant, runs `hpc bench`, writes results/<swe
       bench.concurrency: [1, 8]
     bench: {isl: 1000, osl: 100, requests: 32}
     slo: {ttft_ms: 500, itl_ms: 50}   # goodput: requests within both limits
+
+A base written as `base:` plus `override_NAME:` sections takes `variant: NAME` (or `hpc sweep --variant NAME`), or
+sweeps over its variants as an axis: `axes: {variant: [wide_prefill, kv_aware]}`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from hpc.config import ConfigError, load_deployment, parse_model, read_yaml
+from hpc.config import ConfigError, load_deployment, parse_model, read_yaml, resolve_variant
 from hpc.errors import HpcError
 from hpc.plan import worker_gpus
 
@@ -44,6 +47,7 @@ class Sweep(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
     base: str
+    variant: str | None = None
     nodes: int = Field(1, ge=1)
     gpus_per_node: int | None = Field(None, ge=0)
     time: str | None = None
@@ -60,9 +64,9 @@ def load_sweep(path: Path) -> Sweep:
         if not values:
             raise ConfigError([f"{path}: axes.{key}: needs at least one value"])
         head = key.split(".")[0]
-        if head not in ("workers", "engine", "bench", "frontend", "transfer"):
-            raise ConfigError([f"{path}: axes.{key}: expected workers.*, engine.ROLE.*, bench.*, frontend.* or "
-                               f"transfer.*"])
+        if head not in ("workers", "engine", "bench", "frontend", "transfer", "variant"):
+            raise ConfigError([f"{path}: axes.{key}: expected variant, workers.*, engine.ROLE.*, bench.*, "
+                               f"frontend.* or transfer.*"])
     return sweep
 
 
@@ -74,21 +78,25 @@ def _set(tree: dict, dotted: list[str], value) -> None:
 
 def variants(sweep: Sweep, sweep_path: Path, out: Path) -> list[dict]:
     """Writes results/<sweep>/variants/<i>/ (deployment.yaml, engine YAMLs, bench settings); returns the points."""
-    base_path = (sweep_path.parent / sweep.base).resolve()
-    base = load_deployment(base_path)
-    raw = yaml.safe_load(base_path.read_text())
+    source = (sweep_path.parent / sweep.base).resolve()
     keys = list(sweep.axes)
     points = [dict(zip(keys, combo)) for combo in itertools.product(*(sweep.axes[k] for k in keys))] or [{}]
     for i, point in enumerate(points):
         d = out / "variants" / str(i)
         d.mkdir(parents=True, exist_ok=True)
-        tree = json.loads(json.dumps(raw))
+        base_path = resolve_variant(source, point.get("variant", sweep.variant))
+        base = load_deployment(base_path)
+        tree = yaml.safe_load(base_path.read_text())
+        if "base" in tree:  # a config of variants swept without one: its base
+            tree = tree["base"]
         name = f"{sweep.name}-{i}"
         tree["name"] = name
         bench = sweep.bench.model_dump()
         engines: dict[str, dict] = {}
         for key, value in point.items():
             parts = key.split(".")
+            if parts[0] == "variant":
+                continue
             if parts[0] == "bench":
                 bench[parts[1]] = value
             elif parts[0] == "engine":

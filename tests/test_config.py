@@ -208,3 +208,22 @@ def test_a_variant_changes_exactly_what_its_override_says(tmp_path, monkeypatch)
         cfg.resolve_variant(source, "nope")
     with pytest.raises(ConfigError, match="has no `base:`"):
         cfg.resolve_variant(REPO / "configs" / "tiny-agg.yaml", "x")
+
+
+def test_a_sweep_takes_variants_as_an_axis(tmp_path, monkeypatch):
+    import hpc.config as cfg
+    from hpc.sweep import load_sweep, variants
+
+    monkeypatch.setattr(cfg, "VARIANTS_DIR", tmp_path / "variants")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"num_attention_heads": 4, "num_key_value_heads": 2}')
+    monkeypatch.setenv("HPC_MODEL_DIR", str(tmp_path / "model"))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"name: v\nbase: {REPO}/configs/tiny-variants.yaml\n"
+                     "axes: {variant: [wide_prefill, kv_aware], bench.concurrency: [1]}\n")
+    points = variants(load_sweep(sweep), sweep, tmp_path / "out")
+    assert [p["variant"] for p in points] == ["wide_prefill", "kv_aware"]
+    first = load_deployment(tmp_path / "out" / "variants" / "0" / "deployment.yaml", check_files=False)
+    second = load_deployment(tmp_path / "out" / "variants" / "1" / "deployment.yaml", check_files=False)
+    assert (first.workers.prefill.replicas, first.frontend.router) == (2, "round-robin")
+    assert (second.workers.prefill.replicas, second.frontend.router) == (1, "kv-aware")

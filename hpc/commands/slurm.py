@@ -230,7 +230,9 @@ def submit(config: Path = typer.Argument(..., help="Deployment YAML"),
 @app.command()
 def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML"),
           results: Path = typer.Option(Path("results"), help="Results root; this sweep writes RESULTS/<name>/"),
-          wait: bool = typer.Option(False, "--wait", help="Block until every task has finished")) -> None:
+          wait: bool = typer.Option(False, "--wait", help="Block until every task has finished"),
+          variant: Optional[str] = typer.Option(None, help="The base config's variant (its override_NAME merged "
+                                                           "in); or sweep variants with an axis `variant: [...]`")) -> None:
     """Run variants of a deployment as an sbatch job array; each task benchmarks its variant."""
     import os
 
@@ -239,6 +241,8 @@ def sweep(sweep_file: Path = typer.Argument(..., help="Sweep YAML"),
     from hpc.sweep import load_sweep, variants
 
     sw = load_sweep(sweep_file)
+    if variant:
+        sw = sw.model_copy(update={"variant": variant})
     out = (results / sw.name).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     points = variants(sw, sweep_file, out)
