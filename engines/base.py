@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 
 class EngineError(Exception):
@@ -51,10 +51,38 @@ class KvLayout:
 
 
 @dataclass
+class ImageInput:
+    """One image (or precomputed embedding) of a multimodal prompt: its embeddings [n, hidden] take the prompt's
+    positions offset .. offset + n - 1, which hold the model's image token. `digest` names the content: the prefix
+    cache keys those positions by it, so the same image reuses KV and a different one never does."""
+
+    offset: int
+    embeddings: Any  # a torch.Tensor [n, hidden]
+    digest: bytes
+
+    @property
+    def length(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+@dataclass
 class EngineRequest:
     request_id: str
     prompt: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    images: list[ImageInput] = field(default_factory=list)
+
+
+def content_keys(prompt: list[int], images: list[ImageInput]) -> list[int]:
+    """The prompt as the prefix cache sees it: each image's positions carry a marker from its digest (negative, so
+    it never equals a token id) instead of the image token."""
+    if not images:
+        return prompt
+    keyed = list(prompt)
+    for im in images:
+        marker = -1 - int.from_bytes(im.digest[:8], "little")
+        keyed[im.offset: im.offset + im.length] = [marker] * im.length
+    return keyed
 
 
 @dataclass

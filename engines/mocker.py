@@ -38,6 +38,8 @@ class MockerOptions:
     max_seq_len: int = 131072
     eos_token_id: int | None = None
     block_reuse: bool = True
+    encode_ms_per_image: float = 0.0  # a vision tower's cost per image (E/P/D timing)
+    hidden_size: int = 4096  # of the embeddings it makes up for images, and takes from embedding files
 
 
 @dataclass
@@ -222,6 +224,18 @@ class MockerEngine:
                     self._running.pop(r.req.request_id, None)
                     self._alloc.free_owner(r.req.request_id)
                 r.queue.put_nowait(TokenOutput([token], reason))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.o.hidden_size
+
+    def encode_images(self, images: list[bytes], tokens: list[int]) -> list[torch.Tensor]:
+        """Made-up embeddings (zeros) of the positions each image takes, after the configured encode time.
+        Blocking, like a real vision tower: the worker calls it from a thread."""
+        import time
+
+        time.sleep(self.o.encode_ms_per_image * len(images) / 1000)
+        return [torch.zeros(n, self.o.hidden_size) for n in tokens]
 
     def stats(self) -> EngineStats:
         return EngineStats(self._waiting, len(self._running), len(self._held), self.o.num_blocks, self._alloc.free,

@@ -37,6 +37,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", action="append", default=[], help="a model this deployment serves (for /health "
                                                                  "and 503 before its workers register)")
     p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--config", help="deployment YAML: its media limits (ALLOWED_LOCAL_MEDIA_PATH and "
+                                    "MAX_FILE_SIZE_MB override them)")
     a = p.parse_args(argv)
     if not a.etcd or not a.nats:
         p.error("--etcd and --nats are required (or HPC_ETCD and HPC_NATS)")
@@ -47,10 +49,24 @@ def main(argv=None) -> None:
     except HpcError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    from frontend.media import MediaPolicy
+
+    try:
+        if a.config:
+            from hpc.config import load_deployment
+
+            policy = MediaPolicy.from_config(load_deployment(a.config, check_files=False).media)
+        else:
+            from hpc.config import Media
+
+            policy = MediaPolicy.from_config(Media())
+    except HpcError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     port = a.port or free_port()
     shown = a.host if a.host not in ("0.0.0.0", "::") else (os.environ.get("HPC_ADVERTISE_HOST")
                                                              or socket.gethostname())
-    app = create_app(Frontend(a.deployment, a.etcd, a.nats, a.router, a.model, a.request_timeout),
+    app = create_app(Frontend(a.deployment, a.etcd, a.nats, a.router, a.model, a.request_timeout, policy),
                      on_ready=lambda: print(f"HPC_FRONTEND_READY http://{shown}:{port}", flush=True))
     try:
         # uvloop and httptools; no access log, proxy-header rewriting or server header: work per request that

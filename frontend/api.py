@@ -65,7 +65,7 @@ class Common(BaseModel):
         if isinstance(p, list) and p and isinstance(p[0], str):
             return sum(len(x) for x in p)
         return sum(len(m.content) if isinstance(m.content, str) else sum(len(str(part.get("text", "")))
-                   for part in m.content or []) for m in getattr(self, "messages", []))
+                   for part in m.content or [] if isinstance(part, dict)) for m in getattr(self, "messages", []))
 
     def check_supported(self) -> None:
         if self.n != 1:
@@ -90,16 +90,32 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = None
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            parts = []
-            for part in self.content:
-                if part.get("type") != "text":
-                    raise Unsupported("messages.content", f"content part of type {part.get('type')!r} is not "
-                                                          f"supported by this text model")
-                parts.append(part.get("text", ""))
-            return "".join(parts)
-        return self.content or ""
+    def text(self, index: int = 0, image_token: str = "", images: list | None = None) -> str:
+        """The message as text. With `images`, each image part becomes `image_token` in the text and its
+        (where, url) is appended to `images`; without, image parts are refused (a text model)."""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        parts = []
+        for i, part in enumerate(self.content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            where = f"messages[{index}].content[{i}]"
+            if kind == "text":
+                parts.append(str(part.get("text", "")))
+            elif kind == "image_url" and images is not None:
+                spec = part.get("image_url")
+                url = spec.get("url") if isinstance(spec, dict) else spec
+                if not isinstance(url, str) or not url:
+                    raise Unsupported(f"{where}.image_url.url", "expected a URL, a data: URL or a file path")
+                images.append((where, url))
+                parts.append(image_token)
+            else:
+                raise Unsupported(where, f"content part of type {kind!r} is not supported"
+                                  + (" by this text model" if kind == "image_url" else ""))
+        return "".join(parts)
+
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(isinstance(p, dict) and p.get("type") == "image_url"
+                                                      for p in self.content)
 
 
 class ChatRequest(Common):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from frontend.api import ApiError, Common
 from frontend.generation import GenerationApp
+from frontend.media import MediaPolicy
 from frontend.preprocess import ModelFiles, StopStrings
 from frontend.router import LoadBoard, make_router
 from hpc.runtime.client import ServingClient
@@ -68,7 +70,7 @@ class RecentWindow:
 
 class Frontend:
     def __init__(self, deployment: str, etcd: str, nats: str, router: str = "round-robin",
-                 models: list[str] = (), request_timeout: float = 600.0):
+                 models: list[str] = (), request_timeout: float = 600.0, media_policy: MediaPolicy | None = None):
         self.client = ServingClient(deployment, etcd, nats, first_token_timeout=request_timeout)
         self.board = LoadBoard(self.client.in_flight)
         self.client.choose = make_router(router, self.board)
@@ -76,6 +78,8 @@ class Frontend:
         self.files: dict[str, ModelFiles] = {}
         self.metrics = FrontendMetrics()
         self.recent = RecentWindow()
+        self.media_policy = media_policy or MediaPolicy()
+        self._preparing: set[str] = set()
 
     def count(self, status: str) -> None:
         """A request's outcome (HTTP status): in the metrics, and in the last minute's (server errors are errors)."""
@@ -85,6 +89,8 @@ class Frontend:
     async def start(self) -> None:
         await self.client.start()
         self.client.directory.on_change(self._forget_departed)
+        self.client.directory.on_change(self._prepare_new_models)
+        self._prepare_new_models()
         await self.client.bus.subscribe(self.client.subjects.load_all(), self._on_load)
 
     async def close(self) -> None:
@@ -95,6 +101,22 @@ class Frontend:
         if any(w.worker_id == stats.worker_id for w in self.client.directory.workers.values()):
             self.board.report(stats)
             self.metrics.queue_depth.labels(stats.worker_id).set(stats.waiting)
+
+    def _prepare_new_models(self) -> None:
+        """Read a newly served model's tokenizer and config off the request path; for a vision-language model,
+        import torch too (embedding files are read with it, and its first import takes over a second)."""
+        for model in self.live_models():
+            if model not in self.files and model not in self._preparing:
+                self._preparing.add(model)
+                asyncio.get_running_loop().run_in_executor(None, self._prepare, model)
+
+    def _prepare(self, model: str) -> None:
+        try:
+            files = self.model_files(model)
+            if files.vision is not None:
+                import torch  # noqa: F401
+        except Exception as e:  # the request that needs it reports the problem
+            log.warning("could not prepare model %s: %s", model, e)
 
     def _forget_departed(self) -> None:
         """A worker that left: its load report and its queue-depth series go with it."""
@@ -129,14 +151,14 @@ class Frontend:
 
     # ---- generation --------------------------------------------------------------------------------------------
     async def events(self, req: Common, prompt: list[int], files: ModelFiles, max_tokens: int,
-                     started: float) -> AsyncIterator[tuple[str, str | None, int, int]]:
+                     started: float, images: list = ()) -> AsyncIterator[tuple[str, str | None, int, int]]:
         """(text delta, finish reason or None, completion tokens so far, prompt tokens from the prefix cache).
         With continuous usage stats every token batch is an event, even one whose text is still empty."""
         every_token = bool(req.stream and req.stream_options and req.stream_options.continuous_usage_stats)
         sampling = Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                             seed=req.seed, ignore_eos=req.ignore_eos)
         detok, stops = files.detokenizer(), StopStrings(req.stop_list())
-        stream = self.client.generate(req.model, prompt, sampling)
+        stream = self.client.generate(req.model, prompt, sampling, multimodal=list(images))
         count, cached, last = 0, 0, None
         try:
             async for delta in stream:

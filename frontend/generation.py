@@ -16,8 +16,10 @@ from typing import AsyncIterator, Callable
 import msgspec
 from pydantic import ValidationError
 
+from frontend import media
 from frontend.api import ApiError, ChatRequest, Common, CompletionRequest, Unsupported
 from frontend.preprocess import ModelFiles, PreprocessError
+from hpc.runtime.protocol import MultimodalPart
 from hpc.runtime.client import NoWorkers, ServingError
 from hpc.runtime.messaging import PeerGone, RequestTimeout
 
@@ -51,6 +53,8 @@ def to_api_error(e: Exception) -> ApiError:
         return e
     if isinstance(e, (Unsupported, PreprocessError)):
         return ApiError(400, str(e), param=getattr(e, "option", None))
+    if isinstance(e, media.MediaError):
+        return ApiError(e.status, e.message)
     if isinstance(e, NoWorkers):
         return ApiError(503, str(e), "service_unavailable", headers={"Retry-After": "1"})
     if isinstance(e, RequestTimeout):
@@ -114,15 +118,42 @@ def prompt_of(req: Common, files: ModelFiles) -> list[int]:
     return ids
 
 
-async def tokenize(req: Common, files: ModelFiles) -> list[int]:
+async def tokenize(req: Common, files: ModelFiles, policy: media.MediaPolicy = media.MediaPolicy()
+                   ) -> tuple[list[int], list[MultimodalPart]]:
+    """The prompt's token ids and its images (checked, their image tokens expanded to the positions they take)."""
     chars, limit = req.prompt_chars(), files.context_length * MAX_CHARS_PER_TOKEN
     if chars > limit:
         raise ApiError(400, f"the prompt has {chars} characters; the model's context of {files.context_length} "
                             f"tokens holds no more than {limit}", param="messages" if isinstance(req, ChatRequest)
                        else "prompt")
+    if isinstance(req, ChatRequest) and any(m.has_images() for m in req.messages):
+        return await multimodal_prompt(req, files, policy)
     if chars > TOKENIZE_INLINE_CHARS:
-        return await asyncio.to_thread(prompt_of, req, files)
-    return prompt_of(req, files)
+        return await asyncio.to_thread(prompt_of, req, files), []
+    return prompt_of(req, files), []
+
+
+async def multimodal_prompt(req: ChatRequest, files: ModelFiles, policy: media.MediaPolicy
+                            ) -> tuple[list[int], list[MultimodalPart]]:
+    vision = files.vision
+    urls: list[tuple[str, str]] = []
+    messages = [{"role": m.role, "content": m.text(i, vision.image_token if vision else "", urls)}
+                for i, m in enumerate(req.messages)]
+    items = await media.load_all(urls, policy, vision, req.model)
+    ids = await asyncio.to_thread(lambda: files.encode(files.render_chat(messages)))
+    at = [i for i, t in enumerate(ids) if t == vision.image_token_id]
+    if len(at) != len(items):
+        raise ApiError(400, f"the prompt has {len(at)} image tokens ({vision.image_token}) for {len(items)} "
+                            f"images: the text must not contain the image token itself", param="messages")
+    out, parts, last = [], [], 0
+    for position, item in zip(at, items):
+        out.extend(ids[last:position])
+        parts.append(MultimodalPart(item.kind, len(out), item.num_tokens, item.digest, data=item.data,
+                                    path=item.path))
+        out.extend([vision.image_token_id] * item.num_tokens)
+        last = position + 1
+    out.extend(ids[last:])
+    return out, parts
 
 
 class Chunks:
@@ -238,13 +269,13 @@ class GenerationApp:
                 raise fe.missing(req.model) if req.model not in fe.live_models() else NoWorkers(
                     f"model {req.model!r} has no complete path (prefill and decode, or aggregated) right now")
             files = fe.model_files(req.model)
-            prompt = await tokenize(req, files)
+            prompt, images = await tokenize(req, files, fe.media_policy)
             max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
             max_tokens = max_tokens or max(1, min(16, files.context_length - len(prompt)))
             files.check_length(len(prompt), max_tokens)
         except Exception as e:
             return await self.fail(send, to_api_error(e))
-        events = fe.events(req, prompt, files, max_tokens, started)
+        events = fe.events(req, prompt, files, max_tokens, started, images)
         try:
             try:
                 first = await events.__anext__()  # errors before the first token become HTTP errors

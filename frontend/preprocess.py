@@ -20,14 +20,17 @@ class ModelFiles:
         self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
         tok_cfg = _read_json(d / "tokenizer_config.json")
         cfg = _read_json(d / "config.json")
-        self.context_length = int(cfg.get("max_position_embeddings") or tok_cfg.get("model_max_length") or 4096)
-        eos = cfg.get("eos_token_id")
+        text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+        self.context_length = int(cfg.get("max_position_embeddings") or text_cfg.get("max_position_embeddings")
+                                  or tok_cfg.get("model_max_length") or 4096)
+        eos = cfg.get("eos_token_id", text_cfg.get("eos_token_id"))
         self.eos_token_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
         self.bos_token = _token_text(tok_cfg.get("bos_token"))
         self.eos_token = _token_text(tok_cfg.get("eos_token"))
         template = tok_cfg.get("chat_template")
         if isinstance(template, list):  # several named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        self.vision = _vision_info(cfg, self.tokenizer)
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         self.chat_template = env.from_string(template) if template else None
@@ -103,6 +106,22 @@ class StopStrings:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+def _vision_info(cfg: dict, tokenizer):
+    """A LLaVA-style config.json (vision_config + text_config): the image token and positions per image."""
+    from frontend.media import VisionInfo
+
+    v, text = cfg.get("vision_config"), cfg.get("text_config")
+    if not isinstance(v, dict) or not isinstance(text, dict):
+        return None
+    token_id = cfg.get("image_token_index", cfg.get("image_token_id"))
+    token = tokenizer.id_to_token(token_id) if token_id is not None else None
+    if token is None:
+        raise PreprocessError(f"config.json: image_token_index {token_id} is not in the tokenizer")
+    patches = (v.get("image_size", 336) // v.get("patch_size", 14)) ** 2
+    full = cfg.get("vision_feature_select_strategy", "default") == "full"
+    return VisionInfo(token_id, token, patches + full, text.get("hidden_size", 4096))
 
 
 def _read_json(path: Path) -> dict:

@@ -12,7 +12,7 @@ import itertools
 from collections import OrderedDict
 
 from hpc.runtime.client import RoundRobin
-from hpc.runtime.protocol import GenerateRequest, WorkerInfo, WorkerStats
+from hpc.runtime.protocol import GenerateRequest, WorkerInfo, WorkerStats, content_ids
 
 
 class LoadBoard:
@@ -64,7 +64,7 @@ class KvAware:
     def __call__(self, role: str, workers: list[WorkerInfo], req: GenerateRequest) -> WorkerInfo:
         if role == "decode":  # the KV arrives with the request; only load matters
             return self.fallback(role, workers, req)
-        hashes = prefix_hashes(req.token_ids, self.block)
+        hashes = prefix_hashes(content_ids(req.token_ids, req.multimodal), self.block)
         by_id = {w.worker_id: w for w in workers}
         least = self.fallback(role, workers, req)
         chosen = least

@@ -82,6 +82,8 @@ class MockerTiming(Strict):
     decode_ms_per_1k_context: float = Field(0.01, ge=0)
     kv_bytes_per_token: int = Field(4096, ge=0)
     vocab_size: int = Field(32000, ge=2)
+    encode_ms_per_image: float = Field(0.0, ge=0)
+    hidden_size: int = Field(4096, ge=1)
 
 
 class EngineConfig(LlmApiSection):
@@ -205,8 +207,19 @@ class Transfer(Strict):
 
 
 class Media(Strict):
-    allowed_local_media_path: str | None = None
-    max_file_size_mb: float = Field(50, gt=0)
+    """Limits on images and embedding files in requests (the frontend enforces them). The environment variables
+    ALLOWED_LOCAL_MEDIA_PATH and MAX_FILE_SIZE_MB, where the frontend runs, override the first two."""
+
+    allowed_local_media_path: str | None = None  # embedding files only from here; none: local files are refused
+    max_file_size_mb: float = Field(50, gt=0)  # an image (fetched or base64) or an embedding file
+    max_image_pixels: int = Field(40_000_000, ge=1)  # width x height, checked before decoding
+    max_images_per_request: int = Field(8, ge=1)
+    fetch_timeout_s: float = Field(10, gt=0)  # an http(s) image, whole
+    connect_timeout_s: float = Field(3, gt=0)
+    max_redirects: int = Field(3, ge=0)
+    # Image URLs that resolve to private, loopback or link-local addresses are refused, except for these hosts
+    # (clusters that serve images from internal storage).
+    allowed_private_hosts: list[str] = []
 
 
 class Restart(Strict):

@@ -109,7 +109,7 @@ def plan(dep: Deployment, alloc: Allocation, config_path: str, state_dir: str,
             "--deployment", dep.name, "--host", "0.0.0.0",
             "--port", str(dep.frontend.port if frontend_port is None else frontend_port),
             "--router", dep.frontend.router, "--model", dep.model.name,
-            "--request-timeout", str(dep.frontend.request_timeout_s))),
+            "--request-timeout", str(dep.frontend.request_timeout_s), "--config", config_path)),
     ]
     free = {n: list(range(gpn)) for n in nodes}
     cpu_nodes = nodes[1:] or nodes

@@ -90,7 +90,8 @@ class LocalDeployment:
         fe = Component("frontend", log=logs / "frontend.log", detail=self.url)
         fe.popen = spawn([sys.executable, "-m", "frontend", "--deployment", dep.name, "--host", self.host,
                           "--port", str(self.port), "--router", dep.frontend.router, "--model", dep.model.name,
-                          "--request-timeout", str(dep.frontend.request_timeout_s)], fe.log, env=env)
+                          "--request-timeout", str(dep.frontend.request_timeout_s), "--config", str(dep.source)],
+                         fe.log, env=env)
         self.components.append(fe)
         pending.append(fe)
         deadline = t0 + timeout

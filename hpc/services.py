@@ -13,6 +13,7 @@ from pathlib import Path
 from hpc.errors import HpcError
 from hpc.procs import Pid, free_port, spawn, stop, tcp_open, wait_until
 
+MAX_PAYLOAD = 64 << 20  # NATS's hard ceiling; the frontend's request body cap (32 MiB) is below it
 PROVIDED_BY = {"etcd": "etcd-server", "nats-server": "nats-server"}
 
 
@@ -80,7 +81,12 @@ def start_nats(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: 
     port = port or free_port(host)
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "nats.log"
-    popen = spawn([exe, "-a", host, "-p", str(port), "-js", "-sd", str(data_dir / "jetstream")], log)
+    # Images travel inside requests (the frontend checked them, up to media.max_file_size_mb): NATS's 1 MiB
+    # default payload is too small for them.
+    conf = data_dir / "nats.conf"
+    conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")
+    popen = spawn([exe, "-c", str(conf), "-a", host, "-p", str(port), "-js", "-sd", str(data_dir / "jetstream")],
+                  log)
     service = Service("nats", f"nats://{advertise or host}:{port}", data_dir, log, popen)
     try:
         wait_until(lambda: tcp_open("127.0.0.1" if host == "0.0.0.0" else host, port), timeout, f"nats-server on {host}:{port}",

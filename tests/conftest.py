@@ -63,3 +63,10 @@ def tiny_model(work_dir) -> Path:
     from engines.torch.tiny import make_tiny_model
 
     return make_tiny_model(work_dir / "models" / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(work_dir) -> Path:
+    from engines.torch.tiny import make_tiny_llava
+
+    return make_tiny_llava(work_dir / "models" / "tiny-llava")

@@ -186,6 +186,8 @@ workers:
             except openai.APIError as e:
                 errors.append(e)
 
+        for _ in range(2):  # the decode worker reads KV from both prefill workers (and knows their agents)
+            assert c.completions.create(model="mock-llama", prompt="before", max_tokens=3).choices[0].finish_reason
         threads = [threading.Thread(target=ask) for _ in range(2)]  # round-robin: one on each prefill worker
         for t in threads:
             t.start()
@@ -196,14 +198,20 @@ workers:
         assert errors == [] and answers == ["length", "length"]
         assert "prefill-0 left before the first token; sent to prefill-1" in hpc(["logs", "frontend"], env).stdout
 
+        def back(s):
+            c = component(s, "prefill-0")
+            return c["restarts"] == 1 and c["registered"] and c["state"] == "running"
+
+        wait_for(lambda: back(status_json(env, "ops-mocker")), 60, "prefill-0 back")
+        for _ in range(4):  # both prefill workers in turn: the decode worker reads KV from the restarted one
+            assert c.completions.create(model="mock-llama", prompt="after the restart", max_tokens=3
+                                        ).choices[0].finish_reason == "length"
         engine.write_text("max_batch_size: 0\n")  # every start of a worker now fails on its engine YAML
-        wait_for(lambda: component(status_json(env, "ops-mocker"), "prefill-0")["registered"], 60,
-                 "prefill-0 back first")
         assert kill("--role prefill --worker-id prefill-0")
         snap = wait_for(lambda: (s := status_json(env, "ops-mocker")) and component(s, "prefill-0")["given_up"]
                         and s, 60, "prefill-0 given up")
         gone = component(snap, "prefill-0")
-        assert gone["state"] == "given up" and gone["restarts"] == 2
+        assert gone["state"] == "given up" and gone["restarts"] == 2  # one good restart, one that failed
         assert "max_batch_size" in gone["tail"], gone["tail"]
         assert "given up" in hpc(["status", "ops-mocker"], env).stdout
         assert c.completions.create(model="mock-llama", prompt="still served",

@@ -24,7 +24,7 @@ TRTLLM_WORLD_SIZE_ENV = "tllm_mpi_size"  # set by trtllm-llmapi-launch for rank 
 def parse(argv=None) -> WorkerOptions:
     p = argparse.ArgumentParser(prog="python -m workers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--role", required=True, choices=["aggregated", "prefill", "decode"])
+    p.add_argument("--role", required=True, choices=["aggregated", "prefill", "decode", "encode"])
     p.add_argument("--config", help="deployment YAML to take defaults from")
     p.add_argument("--engine", choices=["torch", "mocker", "trtllm"])
     p.add_argument("--deployment")
@@ -42,6 +42,10 @@ def parse(argv=None) -> WorkerOptions:
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--intra-node", choices=["auto", "nixl", "cuda-ipc"])
     p.add_argument("--random-weights", action="store_true", help="random weights from config.json (benchmarks)")
+    p.add_argument("--remote-encode", action="store_true", help="send images to encode workers (E/P/D; the default "
+                                                                "when the deployment has workers.encode)")
+    p.add_argument("--embedding-buffer-mb", type=int, default=64, help="NIXL buffer for embeddings in flight")
+    p.add_argument("--encode-cache-mb", type=int, default=512, help="an encode worker's cache of embeddings")
     a = p.parse_args(argv)
     dep = load_deployment(a.config) if a.config else None
     spec = getattr(dep.workers, a.role) if dep else None
@@ -64,7 +68,10 @@ def parse(argv=None) -> WorkerOptions:
         transfer_timeout=a.transfer_timeout or (dep.transfer.timeout_s if dep else 30.0),
         release_after=a.release_after or (dep.transfer.release_after_s if dep else 60.0),
         drain_timeout=a.drain_timeout, intra_node=a.intra_node or (dep.transfer.intra_node if dep else "auto"),
-        random_weights=a.random_weights or bool(dep and dep.model.random_weights))
+        random_weights=a.random_weights or bool(dep and dep.model.random_weights),
+        remote_encode=a.remote_encode or bool(dep and dep.workers.encode is not None and a.role in ("prefill",
+                                                                                                     "aggregated")),
+        embedding_buffer_mb=a.embedding_buffer_mb, encode_cache_mb=a.encode_cache_mb)
 
 
 def mpi_rank() -> tuple[int, int]:

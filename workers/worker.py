@@ -22,11 +22,12 @@ from hpc.config import EngineConfig
 from hpc.runtime import discovery
 from hpc.runtime.messaging import Bus
 from hpc.runtime.metrics import WorkerMetrics
-from hpc.runtime.protocol import (PROTOCOL_VERSION, ErrorReply, GenerateRequest, Keys, KvLayout, PrefillResult,
-                                  StatsRequest, Subjects, TokenDelta, WorkerInfo, WorkerStats, decode_request,
-                                  encode, encode_json)
+from hpc.runtime.protocol import (PROTOCOL_VERSION, EncodeRequest, EncodeResult, ErrorReply, GenerateRequest, Keys,
+                                  KvLayout, MultimodalPart, PrefillResult, StatsRequest, Subjects, TokenDelta,
+                                  WorkerInfo, WorkerStats, decode_request, encode, encode_json)
 from hpc.runtime.transfer import KvTransfer, TransferError, ensure_cuda_context
 from workers.engines import build_engine
+from workers.media import EmbeddingStage, EncodeCache, MediaFailure, RemoteEncoders, embeddings_of, image_inputs
 
 log = logging.getLogger("workers")
 
@@ -51,6 +52,9 @@ class WorkerOptions:
     intra_node: str = "auto"
     random_weights: bool = False
     mpi_size: int = 1
+    remote_encode: bool = False  # E/P/D: images go to the deployment's encode workers
+    embedding_buffer_mb: int = 64  # the NIXL-registered buffer for embeddings in flight (encode out, prefill in)
+    encode_cache_mb: int = 512  # an encode worker's embeddings by content digest
 
     def __post_init__(self):
         self.host = self.host or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
@@ -77,6 +81,14 @@ class Worker:
         self.tasks: dict[str, asyncio.Task] = {}
         self.transfer: KvTransfer | None = None
         self.held_changed = asyncio.Event()
+        self.encoders: RemoteEncoders | None = None  # E/P/D prefill: the deployment's encode workers
+        self.stage: EmbeddingStage | None = None  # an encode worker's embeddings for prefill workers to read
+        self.cache: EncodeCache | None = None
+
+    def engine_device(self):
+        import torch
+
+        return getattr(self.engine, "device", None) or torch.device("cpu")
 
     async def run(self) -> None:
         o = self.o
@@ -93,8 +105,16 @@ class Worker:
         if o.role in ("prefill", "decode") and not self.engine.moves_own_kv:
             self.transfer = KvTransfer(f"{o.deployment}.{o.worker_id}", self.engine.kv_pool(),
                                        wire_layout(self.engine.layout), o.host, o.intra_node)
+        if o.role == "encode":  # what it encodes waits here until a prefill worker has read it
+            self.stage = EmbeddingStage(f"{o.deployment}.{o.worker_id}", o.host, o.embedding_buffer_mb,
+                                        self.engine_device())
+            self.transfer = self.stage.transfer
+            self.cache = EncodeCache(o.encode_cache_mb << 20)
         self.bus = await Bus.connect(o.nats, o.worker_id)
         self.etcd = await discovery.connect(o.etcd)
+        if o.remote_encode:
+            self.encoders = RemoteEncoders(self)
+            await self.encoders.start()
         subject = self.subjects.worker(o.role, o.worker_id)
         await self.bus.serve(subject, self.handle)
         self.cancel_sub = await self.bus.subscribe(self.subjects.cancel_all(), self.on_cancel)
@@ -132,6 +152,8 @@ class Worker:
         self.engine.shutdown()
         if self.transfer:
             self.transfer.close()
+        if self.encoders:
+            await self.encoders.close()
         await self.bus.close()
         try:
             await asyncio.wait_for(self.etcd.close(), 5)
@@ -176,9 +198,13 @@ class Worker:
         self.engine.cancel(rid)
 
     def free_held(self, rid: str) -> None:
-        """A prefilled request's blocks: read by the decode worker, never read in time, or cancelled."""
+        """A prefilled request's blocks (an encode worker's embeddings): read by the peer, never read in time, or
+        cancelled."""
         if self.held.pop(rid, None) is not None:
-            self.engine.release(rid)
+            if self.stage is not None:
+                self.stage.free(rid)
+            else:
+                self.engine.release(rid)
 
     async def handle(self, data: bytes, reply) -> None:
         try:
@@ -197,9 +223,14 @@ class Worker:
                 raise _Reply("bad_request", f"protocol version {req.version}; this worker speaks {PROTOCOL_VERSION}")
             if req.model != self.o.served_name:
                 raise _Reply("bad_request", f"model {req.model!r} is not served here ({self.o.served_name!r})")
+            if isinstance(req, EncodeRequest) != (self.o.role == "encode"):
+                raise _Reply("bad_request", f"a {type(req).__name__} sent to a {self.o.role} worker")
             handler = {"aggregated": self.serve_aggregated, "prefill": self.serve_prefill,
-                       "decode": self.serve_decode}[self.o.role]
+                       "decode": self.serve_decode, "encode": self.serve_encode}[self.o.role]
             await handler(req, reply)
+        except MediaFailure as e:
+            status = e.code
+            await reply(encode(ErrorReply(rid, e.code, e.message)))
         except _Reply as e:
             status = e.code
             await reply(encode(ErrorReply(rid, e.code, e.message)))
@@ -230,12 +261,50 @@ class Worker:
                 self.metrics.tokens.inc(len(out.token_ids))
                 await reply(encode(TokenDelta(rid, out.token_ids, out.finish_reason, out.cached_tokens)))
 
+    async def with_images(self, req: GenerateRequest):
+        """The engine request, with the images' embeddings: encoded here, or by an encode worker (E/P/D)."""
+        ereq = self.engine_request(req)
+        if req.multimodal:
+            t0 = time.perf_counter()
+            tensors = await (self.encoders.resolve(req) if self.encoders else embeddings_of(self.engine,
+                                                                                          req.multimodal))
+            self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+            for part in req.multimodal:
+                self.metrics.images.labels(part.kind).inc()
+            ereq.images = image_inputs(req.multimodal, tensors)
+        return ereq
+
     async def serve_aggregated(self, req: GenerateRequest, reply) -> None:
-        await self._stream(req.request_id, self.engine.generate(self.engine_request(req)), reply)
+        await self._stream(req.request_id, self.engine.generate(await self.with_images(req)), reply)
+
+    async def serve_encode(self, req: EncodeRequest, reply) -> None:
+        """Embeddings for a prefill worker: from the cache, or encoded (images) or loaded (files) now; each put in
+        the stage for the prefill worker to read, freed when it says so or after release_after."""
+        self.metrics.encode_queue.inc()
+        t0 = time.perf_counter()
+        try:
+            todo = [p for p in req.parts if self.cache.get(p.digest) is None]
+            for part, tensor in zip(todo, await embeddings_of(self.engine, todo)):
+                self.cache.put(part.digest, tensor)
+            out = []
+            for i, part in enumerate(req.parts):
+                tensor = self.cache.get(part.digest)
+                if tensor is None:  # bigger than the cache: encode it again (rare; the cache holds hundreds)
+                    tensor = (await embeddings_of(self.engine, [part]))[0]
+                owner = f"{req.request_id}.{i}"
+                handle = self.stage.put(owner, tensor)
+                self.held[owner] = time.monotonic() + self.o.release_after
+                self.metrics.images.labels(part.kind).inc()
+                out.append(MultimodalPart("embedding", part.offset, part.num_tokens, part.digest, embedding=handle))
+            self.held_changed.set()
+        finally:
+            self.metrics.encode_queue.dec()
+            self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+        await reply(encode(EncodeResult(req.request_id, out)))
 
     async def serve_prefill(self, req: GenerateRequest, reply) -> None:
         t0 = time.perf_counter()
-        out = await self.engine.prefill(self.engine_request(req))
+        out = await self.engine.prefill(await self.with_images(req))
         self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
         kv = None
         if out.finish_reason is None and not self.engine.moves_own_kv:

@@ -18,11 +18,12 @@ from typing import AsyncIterator
 import torch
 
 from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStats, KvLayout, OutputStream,
-                          PrefillOutput, TokenOutput, blocks_for, stream_until_finished)
+                          PrefillOutput, TokenOutput, blocks_for, content_keys, stream_until_finished)
 from engines.sampling import sample
-from engines.torch.loader import load_model, random_model, read_config, resolve_dtype
+from engines.torch.loader import load_model, load_vision, random_model, read_config, resolve_dtype
 from engines.prefix_cache import CachingBlockAllocator, block_hashes, next_hash
 from engines.torch.model import DecodeBatch, LlamaForCausalLM, SeqBatch
+from engines.torch.vision import ImageProcessing
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class _Seq:
     hashes: list[bytes] = field(default_factory=list)  # of its full blocks of tokens, as far as known
     registered: int = 0  # its first blocks that the prefix cache knows
     cached: int = 0  # prompt tokens whose KV the prefix cache held at admission
+    keys: list[int] = field(default_factory=list)  # the prompt as the prefix cache sees it (images by digest)
+    image_pos: torch.Tensor | None = None  # prompt positions that take image embeddings [P] (CPU)
+    image_vec: torch.Tensor | None = None  # those embeddings [P, hidden] (CPU)
 
     @property
     def id(self) -> str:
@@ -98,6 +102,12 @@ class TorchEngine:
         self.eos = set(cfg.eos_token_ids)
         self.max_seq_len = cfg.max_position_embeddings
         self.vocab_size = cfg.vocab_size
+        self.hidden_size = cfg.hidden_size
+        # A LLaVA directory: the vision tower and projector too (tensor-parallel ranks > 0 need no vision).
+        self.vision = None if tp is not None and tp.rank > 0 else load_vision(
+            model_dir, self.device, o.dtype, random_weights=o.random_weights, seed=o.seed) if model_dir else None
+        self.image_processing = (ImageProcessing.from_dir(Path(model_dir), self.vision.config) if self.vision
+                                 else None)
         self._alloc = (CachingBlockAllocator if o.enable_block_reuse else BlockAllocator)(self.num_blocks)
         self._lock = threading.Lock()  # guards the allocator and `held`: decode workers allocate from the loop
         self._inbox: queue.Queue = queue.Queue()
@@ -149,19 +159,55 @@ class TorchEngine:
             raise EngineError(f"the request needs {need} KV blocks; the pool holds {self.num_blocks}")
 
     def _submit(self, req: EngineRequest, mode: str, reserve: int, tokens: list[int] | None = None) -> _Seq:
-        seq = _Seq(req, mode, list(tokens or req.prompt), len(req.prompt), reserve, OutputStream(self._loop))
+        seq = _Seq(req, mode, list(tokens or req.prompt), len(req.prompt), reserve, OutputStream(self._loop),
+                   keys=content_keys(req.prompt, req.images))
+        if req.images:
+            seq.image_pos = torch.cat([torch.arange(im.offset, im.offset + im.length) for im in req.images])
+            seq.image_vec = torch.cat([im.embeddings.reshape(im.length, -1).cpu() for im in req.images])
         self._inbox.put(("add", seq))
         return seq
+
+    def _check_images(self, req: EngineRequest) -> None:
+        for i, im in enumerate(req.images):
+            shape = tuple(im.embeddings.shape)
+            if len(shape) != 2 or shape[1] != self.hidden_size:
+                raise EngineError(f"image {i}: embeddings of shape {list(shape)}; this model takes [n, "
+                                  f"{self.hidden_size}]")
+            if im.offset < 0 or im.offset + im.length > len(req.prompt):
+                raise EngineError(f"image {i}: positions {im.offset}..{im.offset + im.length - 1} are outside "
+                                  f"the prompt of {len(req.prompt)} tokens")
+
+    # ---- images ------------------------------------------------------------------------------------------------
+    @property
+    def tokens_per_image(self) -> int | None:
+        return self.vision.config.tokens_per_image if self.vision else None
+
+    def encode_images(self, images: list[bytes], tokens: list[int] | None = None) -> list[torch.Tensor]:
+        """Encoded images -> their embeddings [tokens_per_image, hidden] each, on the CPU. Blocking: call it from
+        a thread. The images were checked by the frontend (format, size, pixels); `tokens` (the positions the
+        frontend gave each image) is for engines without a vision tower of their own (the mocker)."""
+        if self.vision is None:
+            raise EngineError("this model takes no images (its config.json has no vision_config)")
+        try:
+            pixels = torch.stack([self.image_processing.pixels(data) for data in images])
+        except Exception as e:
+            raise EngineError(f"an image could not be decoded: {e}") from None
+        dtype = next(self.vision.parameters()).dtype
+        with torch.inference_mode():
+            out = self.vision(pixels.to(self.device, dtype))
+        return [e.float().cpu() for e in out]
 
     def _stream(self, seq: _Seq) -> AsyncIterator[TokenOutput]:
         return stream_until_finished(seq.out.get, lambda: self.cancel(seq.id))
 
     def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]:
         self._check(req, req.sampling.max_tokens)
+        self._check_images(req)
         return self._stream(self._submit(req, "generate", len(req.prompt) + req.sampling.max_tokens))
 
     async def prefill(self, req: EngineRequest) -> PrefillOutput:
         self._check(req)
+        self._check_images(req)
         seq = self._submit(req, "prefill", len(req.prompt))
         out = await seq.out.get()
         if isinstance(out, TokenOutput):  # an error or a cancellation
@@ -276,7 +322,7 @@ class TorchEngine:
                     return False
                 seq.blocks = self._alloc.allocate(seq.id, need)
                 return True
-            seq.hashes = block_hashes(seq.tokens[: (seq.num_prompt - 1) // bs * bs], bs)
+            seq.hashes = block_hashes(seq.keys[: (seq.num_prompt - 1) // bs * bs], bs)
             admitted = self._alloc.admit(seq.id, seq.hashes, need)
         if admitted is None:
             return False
@@ -294,7 +340,9 @@ class TorchEngine:
             return
         while len(seq.hashes) < full:
             i = len(seq.hashes)
-            seq.hashes.append(next_hash(seq.hashes[-1] if seq.hashes else b"", seq.tokens[i * bs:(i + 1) * bs]))
+            keys = seq.keys[i * bs:(i + 1) * bs] if (i + 1) * bs <= len(seq.keys) else (
+                seq.keys[i * bs:] + seq.tokens[len(seq.keys):(i + 1) * bs])
+            seq.hashes.append(next_hash(seq.hashes[-1] if seq.hashes else b"", keys))
         with self._lock:
             for i in range(seq.registered, full):
                 self._alloc.register(seq.blocks[i], seq.hashes[i])
@@ -302,8 +350,14 @@ class TorchEngine:
 
     def _step(self, batch: list[tuple[_Seq, int]]) -> None:
         ids, positions, seqs, logit_rows, to_sample = [], [], [], [], []
+        image_rows, image_vecs = [], []
         start = 0
         for seq, n in batch:
+            if seq.image_pos is not None and seq.num_computed < seq.num_prompt:
+                inside = (seq.image_pos >= seq.num_computed) & (seq.image_pos < seq.num_computed + n)
+                if bool(inside.any()):
+                    image_rows.append(seq.image_pos[inside] - seq.num_computed + start)
+                    image_vecs.append(seq.image_vec[inside])
             ids.extend(seq.tokens[seq.num_computed: seq.num_computed + n])
             positions.extend(range(seq.num_computed, seq.num_computed + n))
             seqs.append((start, n, seq.num_computed, seq.blocks))
@@ -311,7 +365,8 @@ class TorchEngine:
                 logit_rows.append(start + n - 1)
                 to_sample.append(seq)
             start += n
-        step = (ids, positions, seqs, logit_rows)
+        images = (torch.cat(image_rows), torch.cat(image_vecs)) if image_rows else None
+        step = (ids, positions, seqs, logit_rows, images)
         if self.tp is not None:
             self.tp.broadcast(step)  # the other ranks run the same pass on their shards
         logits = self._forward(step)
@@ -326,8 +381,9 @@ class TorchEngine:
             self._emit(seq, sample(row, seq.req.sampling, seq.generated))
 
     def _forward(self, step) -> torch.Tensor:
-        """One packed pass: step = (token ids, positions, [(start, length, context_start, block ids)], logit rows)."""
-        ids, positions, seqs, logit_rows = step
+        """One packed pass: step = (token ids, positions, [(start, length, context_start, block ids)], logit rows,
+        (packed rows, image embeddings) or None)."""
+        ids, positions, seqs, logit_rows, images = step
         dev, bs = self.device, self.options.block_size
         batches = [SeqBatch(start, n, ctx, torch.tensor(blocks, dtype=torch.long, device=dev))
                    for start, n, ctx, blocks in seqs if not (n == 1 and ctx > 0)]
@@ -338,7 +394,8 @@ class TorchEngine:
         return self.model(torch.tensor(ids, dtype=torch.long, device=dev), pos, batches, self.pool, block_index,
                           pos % bs, torch.tensor(logit_rows, dtype=torch.long, device=dev),
                           self._decode_batch([(start, ctx, blocks) for start, n, ctx, blocks in seqs
-                                              if n == 1 and ctx > 0]))
+                                              if n == 1 and ctx > 0]),
+                          None if images is None else (images[0].to(dev), images[1].to(dev)))
 
     def _decode_batch(self, decoding: list[tuple[int, int, list[int]]]) -> DecodeBatch | None:
         """(packed row, context before the new token, block ids) of each decoding sequence, as one padded table:

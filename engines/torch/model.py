@@ -242,10 +242,14 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seqs: list[SeqBatch], pool: torch.Tensor,
                 slot_block: torch.Tensor, slot_off: torch.Tensor, logits_index: torch.Tensor,
-                decode: DecodeBatch | None = None) -> torch.Tensor:
+                decode: DecodeBatch | None = None,
+                embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Packed tokens in, logits (float32) out for the rows in `logits_index`. `seqs` are attended one by one,
-        `decode` (one new token each) together."""
+        `decode` (one new token each) together. `embeds` = (packed rows, vectors): input embeddings that replace
+        those rows' token embeddings (image embeddings at a multimodal prompt's image tokens)."""
         x = self.model.embed_tokens(input_ids)
+        if embeds is not None:
+            x[embeds[0]] = embeds[1].to(x.dtype)
         freqs = positions[:, None].float() * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]

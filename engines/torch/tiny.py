@@ -20,15 +20,16 @@ Once upon a time there was a small model that answered every question with rando
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 SPECIAL = ["<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+IMAGE_TOKEN = "<image>"
 
 
-def train_tokenizer(vocab_size: int):
+def train_tokenizer(vocab_size: int, extra_special: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL + list(extra_special),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
     return tok
@@ -77,6 +78,50 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 512, s
         total = sum(t.numel() * t.element_size() for t in state.values())
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return out
+
+
+def tiny_vision_config(**overrides) -> dict:
+    cfg = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "image_size": 56, "patch_size": 14, "num_channels": 3, "layer_norm_eps": 1e-5,
+           "hidden_act": "quick_gelu", "projection_dim": 32}
+    cfg.update(overrides)
+    return cfg
+
+
+def make_tiny_llava(out_dir: str | Path, seed: int = 0, vocab_size: int = 512) -> Path:
+    """A LLaVA directory as transformers writes one (config.json with vision_config and text_config, one
+    safetensors file with `language_model.*`, `vision_tower.vision_model.*`, `multi_modal_projector.*`): 56-pixel
+    images of 16 patches, so 16 image tokens each."""
+    from safetensors.torch import save_file
+
+    from engines.torch.vision import LlavaConfig, LlavaVision
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(vocab_size, extra_special=(IMAGE_TOKEN,))
+    tok.save(str(out / "tokenizer.json"))
+    text = tiny_config(tok.get_vocab_size())
+    cfg = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "text_config": text,
+           "vision_config": tiny_vision_config(), "image_token_index": tok.token_to_id(IMAGE_TOKEN),
+           "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu",
+           "image_seq_length": 16, "eos_token_id": 1, "torch_dtype": "float32", "tie_word_embeddings": False}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|bos|>", "eos_token": "<|eos|>", "chat_template": CHAT_TEMPLATE,
+        "model_max_length": text["max_position_embeddings"]}, indent=2))
+    lm = random_model(LlamaConfig.from_hf(text), torch.device("cpu"), torch.float32, seed)
+    vision = LlavaVision(LlavaConfig.from_hf(cfg))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in vision.named_parameters():
+            p.normal_(0.0, 0.02 if "norm" not in name else 0.1, generator=gen)
+            if "norm" in name and name.endswith("weight"):
+                p.add_(1.0)
+    state = {f"language_model.{k}": v.contiguous() for k, v in lm.state_dict().items()}
+    state.update({k.replace("vision.", "vision_tower.vision_model.", 1).replace("projector.", "multi_modal_projector.", 1):
+                  v.contiguous() for k, v in vision.state_dict().items()})
+    save_file(state, str(out / "model.safetensors"))
     return out
 
 

@@ -105,8 +105,9 @@ class ServingClient:
         return self.choose(role, workers, req) if workers else None
 
     async def generate(self, model: str, token_ids: list[int], sampling: Sampling = Sampling(),
-                       request_id: str | None = None) -> AsyncIterator[TokenDelta]:
-        req = GenerateRequest(request_id or uuid.uuid4().hex, model, list(token_ids), sampling)
+                       request_id: str | None = None, multimodal: list = ()) -> AsyncIterator[TokenDelta]:
+        req = GenerateRequest(request_id or uuid.uuid4().hex, model, list(token_ids), sampling,
+                              multimodal=list(multimodal))
         if self.directory.by_role("aggregated", req.model):
             stream = self._aggregated(req)
         else:

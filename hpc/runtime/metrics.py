@@ -29,6 +29,16 @@ class WorkerMetrics:
         self.prompt_tokens = Counter("hpc_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.reused_prompt_tokens = Counter("hpc_prompt_tokens_reused", "Prompt tokens whose KV the prefix cache "
                                             "held (block reuse)", registry=r)
+        self.images = Counter("hpc_images", "Images and embedding files taken, by kind", ["kind"], registry=r)
+        self.encode_seconds = Histogram("hpc_encode_seconds", "Time to encode (or load) a request's images",
+                                        registry=r, buckets=LATENCY_BUCKETS)
+        self.encode_queue = Gauge("hpc_encode_queue_depth", "Encode requests in progress", registry=r)
+        self.embedding_bytes = Counter("hpc_embedding_transfer_bytes", "Embedding bytes read from encode workers",
+                                       registry=r)
+        self.embedding_seconds = Histogram("hpc_embedding_transfer_seconds", "Embedding transfer time",
+                                           registry=r, buckets=LATENCY_BUCKETS)
+        self.embedding_gbps = Gauge("hpc_embedding_transfer_gbps", "GB/s of the last embedding transfer",
+                                    registry=r)
         self._counted = (0, 0)
         self.info = Gauge("hpc_worker_info", "Worker identity", list(labels), registry=r)
         self.info.labels(**labels).set(1)

@@ -52,10 +52,51 @@ class KvHandle(msgspec.Struct, frozen=True):
     cuda_ipc: CudaIpc | None = None
 
 
+class EmbeddingHandle(msgspec.Struct, frozen=True):
+    """Embeddings an encode worker holds for a prefill worker to read through NIXL: raw bytes in staging blocks,
+    addressed as a KV handle is (the layout describes blocks of bytes), then viewed as `dtype` of `shape`."""
+
+    blocks: KvHandle
+    shape: list[int]
+    dtype: str
+    nbytes: int
+
+
 class MultimodalPart(msgspec.Struct, frozen=True):
-    kind: Literal["image_url", "embedding"]
-    url: str | None = None
-    embedding: KvHandle | None = None
+    """One image of a request, at prompt positions offset .. offset + num_tokens - 1 (the model's image token).
+    The frontend has checked it (format, size, pixels, path); `digest` names its content."""
+
+    kind: Literal["image", "embedding_file", "embedding"]
+    offset: int
+    num_tokens: int
+    digest: bytes
+    data: bytes | None = None  # image: the encoded image
+    path: str | None = None  # embedding_file: a .pt/.pth/.bin/.safetensors file on the shared filesystem
+    embedding: EmbeddingHandle | None = None  # embedding: computed (or loaded) by an encode worker
+
+
+class EncodeRequest(msgspec.Struct, frozen=True, tag="encode"):
+    request_id: str
+    model: str
+    parts: list[MultimodalPart]
+    version: int = PROTOCOL_VERSION
+
+
+class EncodeResult(msgspec.Struct, frozen=True, tag="encoded"):
+    request_id: str
+    parts: list[MultimodalPart]  # kind "embedding", in the request's order
+
+
+def content_ids(token_ids: list[int], parts: list[MultimodalPart]) -> list[int]:
+    """The prompt as prefix caches and the kv-aware router see it: each image's positions carry a marker from its
+    digest instead of the image token, so the same image matches and a different one never does."""
+    if not parts:
+        return token_ids
+    keyed = list(token_ids)
+    for part in parts:
+        keyed[part.offset: part.offset + part.num_tokens] = [-1 - int.from_bytes(part.digest[:8], "little")] \
+            * part.num_tokens
+    return keyed
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, tag="generate"):
@@ -117,8 +158,8 @@ class WorkerStats(msgspec.Struct, frozen=True, tag="worker_stats"):
     generated_tokens: int = 0  # output tokens since start (decode tokens/s from two reports)
 
 
-Request = Union[GenerateRequest, StatsRequest]
-Reply = Union[PrefillResult, TokenDelta, ErrorReply, WorkerStats]
+Request = Union[GenerateRequest, StatsRequest, EncodeRequest]
+Reply = Union[PrefillResult, TokenDelta, ErrorReply, WorkerStats, EncodeResult]
 
 
 class WorkerInfo(msgspec.Struct, frozen=True):

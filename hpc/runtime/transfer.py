@@ -101,7 +101,7 @@ class KvTransfer:
         self.agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"]))
         self._reg = self.agent.register_memory(pool)
         self._metadata = self.agent.get_agent_metadata()
-        self._remotes: set[str] = set()
+        self._remotes: dict[str, bytes] = {}  # peer agent name -> the metadata it was added with
         self._ipc_peers: dict[str, object] = {}
         self.cuda_ipc = self._export_ipc() if pool.is_cuda and intra_node != "nixl" else None
         self.transfers = 0
@@ -146,7 +146,10 @@ class KvTransfer:
             raise TransferError(f"block of {handle.layout.block_bytes} bytes in the KV handle, "
                                 f"{self.block_bytes} here")
         runs = segments(handle.block_ids, local_blocks)
-        remote = self._add_remote(handle)
+        try:
+            remote = self._add_remote(handle)
+        except Exception as e:  # NIXL's own errors (bindings exceptions) become ours
+            raise TransferError(f"cannot reach {handle.agent}: {type(e).__name__}: {e}") from None
         t0 = time.perf_counter()
         path = path or self.path_for(handle)
         if path == "cuda-ipc":
@@ -162,9 +165,14 @@ class KvTransfer:
         return TransferResult(nbytes, seconds, path, len(runs))
 
     def _add_remote(self, handle: KvHandle) -> str:
-        if handle.agent not in self._remotes:
+        """The peer's agent, added once; added again when its metadata changed (a worker restarted under the same
+        name has new memory registrations)."""
+        known = self._remotes.get(handle.agent)
+        if known != handle.agent_metadata:
+            if known is not None:
+                self.agent.remove_remote_agent(handle.agent)
             self.agent.add_remote_agent(handle.agent_metadata)
-            self._remotes.add(handle.agent)
+            self._remotes[handle.agent] = handle.agent_metadata
         return handle.agent
 
     async def _read_nixl(self, handle: KvHandle, runs, remote: str, request_id: str, timeout: float) -> None:
@@ -172,9 +180,12 @@ class KvTransfer:
         local = np.array([(self.pool.data_ptr() + d * bb, n * bb, self.device_id) for _, d, n in runs],
                          dtype=np.uint64)
         far = np.array([(handle.pool_addr + s * bb, n * bb, handle.device_id) for s, _, n in runs], dtype=np.uint64)
-        xfer = self.agent.initialize_xfer("READ", self.agent.get_xfer_descs(local, self.mem_type),
-                                          self.agent.get_xfer_descs(far, handle.mem_type), remote,
-                                          RELEASE + request_id.encode())
+        try:
+            xfer = self.agent.initialize_xfer("READ", self.agent.get_xfer_descs(local, self.mem_type),
+                                              self.agent.get_xfer_descs(far, handle.mem_type), remote,
+                                              RELEASE + request_id.encode())
+        except Exception as e:
+            raise TransferError(f"NIXL READ from {remote} refused: {type(e).__name__}: {e}") from None
         try:
             state = self.agent.transfer(xfer)
             deadline = time.monotonic() + timeout

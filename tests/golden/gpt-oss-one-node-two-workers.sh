@@ -105,7 +105,7 @@ export HPC_ETCD HPC_NATS
 echo "etcd $HPC_ETCD   nats $HPC_NATS"
 
 step frontend "${NODES[0]}" 1 --mpi=none -- "$PYTHON" -m frontend --deployment gpt-oss-120b --host 0.0.0.0 \
-  --port "$FRONTEND_PORT" --router round-robin --model "$SERVED_MODEL_NAME"
+  --config "$CONFIG" --port "$FRONTEND_PORT" --router round-robin --model "$SERVED_MODEL_NAME"
 
 # prefill-0: 1 node(s) x 4 rank(s), GPUs 0,1,2,3; rank 0 serves, the other ranks run TensorRT-LLM's MPI workers
 if (( NUM_PREFILL_WORKERS > 0 )); then

@@ -116,7 +116,7 @@ export HPC_ETCD HPC_NATS
 echo "etcd $HPC_ETCD   nats $HPC_NATS"
 
 step frontend "${NODES[0]}" 1 --mpi=none -- "$PYTHON" -m frontend --deployment scout-epd --host 0.0.0.0 \
-  --port "$FRONTEND_PORT" --router round-robin --model "$SERVED_MODEL_NAME"
+  --config "$CONFIG" --port "$FRONTEND_PORT" --router round-robin --model "$SERVED_MODEL_NAME"
 
 # encode-0: 1 node(s) x 1 rank(s), GPUs 0; rank 0 serves, the other ranks run TensorRT-LLM's MPI workers
 if (( NUM_ENCODE_WORKERS > 0 )); then

@@ -94,7 +94,7 @@ export HPC_ETCD HPC_NATS
 echo "etcd $HPC_ETCD   nats $HPC_NATS"
 
 step frontend "${NODES[0]}" 1 --mpi=none -- "$PYTHON" -m frontend --deployment tiny-agg --host 0.0.0.0 \
-  --port "$FRONTEND_PORT" --router round-robin --model "$SERVED_MODEL_NAME"
+  --config "$CONFIG" --port "$FRONTEND_PORT" --router round-robin --model "$SERVED_MODEL_NAME"
 
 # aggregated-0: 1 node(s) x 1 rank(s)
 if (( NUM_AGGREGATED_WORKERS > 0 )); then

@@ -105,7 +105,7 @@ export HPC_ETCD HPC_NATS
 echo "etcd $HPC_ETCD   nats $HPC_NATS"
 
 step frontend "${NODES[0]}" 1 --mpi=none -- "$PYTHON" -m frontend --deployment tiny-disagg --host 0.0.0.0 \
-  --port "$FRONTEND_PORT" --router round-robin --model "$SERVED_MODEL_NAME"
+  --config "$CONFIG" --port "$FRONTEND_PORT" --router round-robin --model "$SERVED_MODEL_NAME"
 
 # prefill-0: 1 node(s) x 1 rank(s)
 if (( NUM_PREFILL_WORKERS > 0 )); then
