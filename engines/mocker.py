@@ -19,7 +19,7 @@ from typing import AsyncIterator
 import torch
 
 from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStats, KvLayout, PrefillOutput,
-                          TokenOutput, blocks_for, stream_until_finished)
+                          TokenOutput, blocks_for, content_keys, stream_until_finished)
 from engines.prefix_cache import block_hashes
 
 
@@ -132,7 +132,7 @@ class MockerEngine:
         try:
             async with self._prefill_lock:
                 n = len(req.prompt)
-                hashes = block_hashes(req.prompt, self.o.block_size) if self._prefix else []
+                hashes = block_hashes(content_keys(req.prompt, req.images), self.o.block_size) if self._prefix else []
                 # The last prompt token is always computed: its logits give the first token.
                 reused = min(self._prefix.hit_blocks(hashes) * self.o.block_size, n - 1) if self._prefix else 0
                 await asyncio.sleep(self.o.prefill_overhead_ms / 1000 + (n - reused) / self.o.prefill_tokens_per_s)
@@ -229,12 +229,11 @@ class MockerEngine:
     def hidden_size(self) -> int:
         return self.o.hidden_size
 
-    def encode_images(self, images: list[bytes], tokens: list[int]) -> list[torch.Tensor]:
-        """Made-up embeddings (zeros) of the positions each image takes, after the configured encode time.
-        Blocking, like a real vision tower: the worker calls it from a thread."""
-        import time
-
-        time.sleep(self.o.encode_ms_per_image * len(images) / 1000)
+    async def encode_images_async(self, images: list[bytes], tokens: list[int]) -> list[torch.Tensor]:
+        """Made-up embeddings (zeros) of the positions each image takes, after the configured encode time. The
+        vision tower shares the simulated GPU with prefill, as it does on a prefill worker that encodes (EP/D)."""
+        async with self._prefill_lock:
+            await asyncio.sleep(self.o.encode_ms_per_image * len(images) / 1000)
         return [torch.zeros(n, self.o.hidden_size) for n in tokens]
 
     def stats(self) -> EngineStats:
