@@ -23,7 +23,7 @@ for what in "$@"; do
     frontend) serve_setup; python3 benchmarks/frontend.py --requests 300 ;;
     serve) serve_setup; python3 benchmarks/serve_gpu.py ;;
     router) serve_setup; python3 benchmarks/router.py ;;
-    encode) python3 benchmarks/encode.py ;;
+    encode) serve_setup; python3 benchmarks/encode.py ;;
     # Two GPUs (nvidia-h200-x2): KV GPU0 -> GPU1, then 1 prefill + 1 decode worker against 2 aggregated workers.
     two-gpu-kv) python3 benchmarks/kv_transfer.py --src 0 --dst 1 ;;
     two-gpu-disaggregated|two-gpu-aggregated)
