@@ -7,9 +7,10 @@ LLaVA-1.6-Mistral-7B's shape (CLIP ViT-L/14 at 336 pixels: 24 layers, hidden 102
 not seen (distinct random pixels; the engine keeps no cache of its own). TFLOP/s counts the tower's and projector's
 matmuls; a figure above the same run's bf16 matmul ceiling is refused as a measurement error.
 
-The transfer: an encode worker's staging buffer and a prefill worker's inbox (workers/media.py), both NIXL agents
-on this GPU, move one image's embeddings (576 x 4096 bf16, 4.7 MB) and 16 at once, READ with a notification as in
-serving; beside it, a device copy of the same bytes. A figure above the copy is refused too. Writes
+The transfer: an encode worker's staging buffer and a prefill worker's inbox (workers/media.py), NIXL agents in two
+processes (CUDA IPC cannot open a process's own memory), move one image's embeddings (576 x 4096 bf16, 4.7 MB) and
+16 at once, READ with a notification as in serving, GPU --src to GPU --dst; beside it, a device copy of the same
+bytes. A figure above the copy is refused too. Writes
 benchmarks/results/encode.json (or $OUT/encode.json)."""
 
 from __future__ import annotations
@@ -78,43 +79,83 @@ def tower_rows(batches: list[int], repeats: int, ceiling: float) -> list[dict]:
     return rows
 
 
-async def transfer_rows(repeats: int) -> list[dict]:
+def encoder_side(src: int, repeats: int, to_reader, from_reader) -> None:
+    """The encode worker's process: embeddings in its NIXL staging buffer, handles to the reader, one by one."""
+    import msgspec
+
+    from hpc.runtime.transfer import ensure_cuda_context
     from workers.media import EmbeddingStage
 
-    dev = torch.device("cuda", 0)
+    ensure_cuda_context(src)
+    dev = torch.device("cuda", src)
     out = EmbeddingStage("bench.encode", "localhost", 256, dev)
-    inbox = EmbeddingStage("bench.prefill", "localhost", 256, dev)
+    for images in (1, 16):
+        emb = torch.randn(images * 576, 4096, device=dev, dtype=torch.bfloat16)
+        checksum = float(emb.float().sum())
+        for i in range(repeats + 1):
+            handle = out.put(f"{images}.{i}", emb)
+            to_reader.put((msgspec.msgpack.encode(handle), checksum))
+            from_reader.get()
+            out.free(f"{images}.{i}")
+    to_reader.put(None)
+    out.close()
+
+
+async def transfer_rows(src: int, dst: int, repeats: int) -> list[dict]:
+    """The prefill worker's side, in this process: READ each handle into its inbox (first read of a size not
+    timed: it connects), beside a device copy of the same bytes GPU src -> dst."""
+    import multiprocessing as mp
+
+    import msgspec
+
+    from hpc.runtime.protocol import EmbeddingHandle
+    from workers.media import EmbeddingStage
+
+    ctx = mp.get_context("spawn")
+    to_reader, to_owner = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=encoder_side, args=(src, repeats, to_reader, to_owner))
+    proc.start()
+    inbox = EmbeddingStage("bench.prefill", "localhost", 256, torch.device("cuda", dst))
+    times: dict[int, list[float]] = {}
     rows = []
     try:
-        for images in (1, 16):
-            emb = torch.randn(images * 576, 4096, device=dev, dtype=torch.bfloat16)
-            nbytes = emb.numel() * 2
-            best, copy_best = float("inf"), float("inf")
-            for i in range(repeats):
-                handle = out.put(f"r{i}", emb)
-                ids = inbox.blocks(f"r{i}", handle.nbytes)
-                torch.cuda.synchronize()
+        while (item := to_reader.get(timeout=120)) is not None:
+            data, checksum = item
+            handle = msgspec.msgpack.decode(data, type=EmbeddingHandle)
+            ids = inbox.blocks("r", handle.nbytes)
+            torch.cuda.synchronize(dst)
+            t0 = time.perf_counter()
+            await inbox.transfer.read(handle.blocks, ids, "r", 30)
+            took = time.perf_counter() - t0
+            got = inbox.take(ids, handle.shape, handle.dtype, handle.nbytes)
+            assert float(got.float().sum()) == checksum, "the embeddings arrived changed"
+            inbox.free("r")
+            images = handle.shape[0] // 576
+            times.setdefault(images, []).append(took)
+            to_owner.put("next")
+        for images, ts in times.items():
+            nbytes = images * 576 * 4096 * 2
+            a = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{src}")
+            b = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{dst}")
+            copies = []
+            for _ in range(repeats + 1):
+                torch.cuda.synchronize(src), torch.cuda.synchronize(dst)
                 t0 = time.perf_counter()
-                await inbox.transfer.read(handle.blocks, ids, f"r{i}", 30)
-                best = min(best, time.perf_counter() - t0)
-                got = inbox.take(ids, handle.shape, handle.dtype, handle.nbytes)
-                assert torch.equal(got, emb), "the embeddings arrived changed"
-                out.free(f"r{i}")
-                inbox.free(f"r{i}")
-                dst = torch.empty_like(emb)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                dst.copy_(emb)
-                torch.cuda.synchronize()
-                copy_best = min(copy_best, time.perf_counter() - t0)
-            row = {"images": images, "MB": round(nbytes / 1e6, 1), "nixl_GB_s": round(nbytes / best / 1e9, 1),
+                b.copy_(a)
+                torch.cuda.synchronize(dst)
+                copies.append(time.perf_counter() - t0)
+            best, copy_best = min(ts[1:]), min(copies[1:])
+            row = {"images": images, "MB": round(nbytes / 1e6, 1), "src_gpu": src, "dst_gpu": dst,
+                   "nixl_ms": round(1000 * best, 3), "nixl_GB_s": round(nbytes / best / 1e9, 1),
                    "copy_GB_s": round(nbytes / copy_best / 1e9, 1), "nixl_vs_copy": round(copy_best / best, 3)}
             if best < copy_best * 0.95:
                 row["invalid"] = "faster than a device copy of the same bytes: a measurement error"
             rows.append(row)
             print(row, flush=True)
     finally:
-        out.close()
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
         inbox.close()
     return rows
 
@@ -123,17 +164,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,4,16,64")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--src", type=int, default=0, help="the encode worker's GPU")
+    p.add_argument("--dst", type=int, default=0, help="the prefill worker's GPU")
+    p.add_argument("--transfer-only", action="store_true")
+    p.add_argument("--name", default="encode")
     a = p.parse_args()
     from hpc.runtime.transfer import ensure_cuda_context
 
-    ensure_cuda_context(0)  # before any NIXL agent (see hpc/runtime/transfer.py)
+    ensure_cuda_context(a.dst)  # before any NIXL agent (see hpc/runtime/transfer.py)
     ceiling = matmul_ceiling()
-    tower = tower_rows([int(b) for b in a.batches.split(",")], a.repeats, ceiling)
-    moves = asyncio.run(transfer_rows(a.repeats))
-    path = write_result("encode", tower, {"shape": "llava-v1.6-mistral-7b vision tower + projector, bf16, random",
+    tower = [] if a.transfer_only else tower_rows([int(b) for b in a.batches.split(",")], a.repeats, ceiling)
+    moves = asyncio.run(transfer_rows(a.src, a.dst, a.repeats))
+    path = write_result(a.name, tower, {"shape": "llava-v1.6-mistral-7b vision tower + projector, bf16, random",
                                           "matmul_ceiling_tflops": round(ceiling, 1), "transfer": moves})
-    print(table(tower, ["batch", "ms", "images_s", "TFLOP/s", "reused"]))
-    print(table(moves, ["images", "MB", "nixl_GB_s", "copy_GB_s", "nixl_vs_copy"]))
+    if tower:
+        print(table(tower, ["batch", "ms", "images_s", "TFLOP/s", "reused"]))
+    print(table(moves, ["images", "MB", "src_gpu", "dst_gpu", "nixl_ms", "nixl_GB_s", "copy_GB_s", "nixl_vs_copy"]))
     print(f"bf16 matmul ceiling in the same run: {ceiling:.0f} TFLOP/s. Written to {path}")
 
 

@@ -24,6 +24,7 @@ for what in "$@"; do
     serve) serve_setup; python3 benchmarks/serve_gpu.py ;;
     router) serve_setup; python3 benchmarks/router.py ;;
     encode) serve_setup; python3 benchmarks/encode.py ;;
+    two-gpu-embeddings) serve_setup; python3 benchmarks/encode.py --transfer-only --src 0 --dst 1 --name encode-2gpu ;;
     # Two GPUs (nvidia-h200-x2): KV GPU0 -> GPU1, then 1 prefill + 1 decode worker against 2 aggregated workers.
     two-gpu-kv) python3 benchmarks/kv_transfer.py --src 0 --dst 1 ;;
     two-gpu-disaggregated|two-gpu-aggregated)
@@ -33,6 +34,6 @@ for what in "$@"; do
     two-gpu-tp) python3 benchmarks/tensor_parallel.py \
       && mpirun -np 2 --allow-run-as-root -x PYTHONPATH -x OUT -x NCCL_NVLS_ENABLE=0 \
         -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 python3 benchmarks/tensor_parallel.py ;;
-    two-gpu) "$0" two-gpu-kv two-gpu-tp two-gpu-disaggregated two-gpu-aggregated ;;
+    two-gpu) "$0" two-gpu-kv two-gpu-embeddings two-gpu-tp two-gpu-disaggregated two-gpu-aggregated ;;
   esac
 done
