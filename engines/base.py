@@ -91,6 +91,7 @@ class TokenOutput:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
     cached_tokens: int = 0  # set on a request's first output: prompt tokens the prefix cache held
+    timing: dict = field(default_factory=dict)  # on the first output: seconds in "queue" and prefill "compute"
 
 
 @dataclass
@@ -101,6 +102,7 @@ class PrefillOutput:
     num_tokens: int  # tokens whose KV the blocks hold (the prompt)
     handoff: bytes | None = None  # engines that move their own KV: what their decode side needs (opaque)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    timing: dict = field(default_factory=dict)  # seconds waiting for the engine ("queue") and computing ("compute")
 
 
 @dataclass

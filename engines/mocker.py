@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -126,11 +127,13 @@ class MockerEngine:
             return "stop"
         return "length" if generated >= p.max_tokens else None
 
-    async def _compute_prefill(self, req: EngineRequest, blocks: list[int]) -> int:
-        """Simulated prefill; returns the prompt tokens the prefix cache held."""
+    async def _compute_prefill(self, req: EngineRequest, blocks: list[int]) -> tuple[int, dict]:
+        """Simulated prefill; returns the prompt tokens the prefix cache held, and the seconds in queue and compute."""
         self._waiting += 1
+        t0 = time.perf_counter()
         try:
             async with self._prefill_lock:
+                t1 = time.perf_counter()
                 n = len(req.prompt)
                 hashes = block_hashes(content_keys(req.prompt, req.images), self.o.block_size) if self._prefix else []
                 # The last prompt token is always computed: its logits give the first token.
@@ -143,16 +146,17 @@ class MockerEngine:
                     self._prefix.add(hashes)
                 self._prompt_tokens += n
                 self._reused_tokens += reused
-                return reused
+                return reused, {"queue": t1 - t0, "compute": time.perf_counter() - t1}
         finally:
             self._waiting -= 1
 
-    async def _first_token(self, req: EngineRequest, reserve_tokens: int) -> tuple[int, str | None, list[int], int]:
+    async def _first_token(self, req: EngineRequest, reserve_tokens: int) -> tuple[int, str | None, list[int], int,
+                                                                                   dict]:
         """Prefill, then the first token; the blocks are freed again if that token already ends the request."""
         self._check(req)
         blocks = self._alloc.allocate(req.request_id, blocks_for(reserve_tokens, self.o.block_size))
         try:
-            cached = await self._compute_prefill(req, blocks)
+            cached, timing = await self._compute_prefill(req, blocks)
         except BaseException:
             self._alloc.free_owner(req.request_id)
             raise
@@ -161,14 +165,14 @@ class MockerEngine:
         reason = self._reason(req, first, 1)
         if reason:
             self._alloc.free_owner(req.request_id)
-        return first, reason, blocks, cached
+        return first, reason, blocks, cached, timing
 
     async def prefill(self, req: EngineRequest) -> PrefillOutput:
-        first, reason, blocks, cached = await self._first_token(req, len(req.prompt))
+        first, reason, blocks, cached, timing = await self._first_token(req, len(req.prompt))
         if reason:
-            return PrefillOutput(first, reason, [], len(req.prompt), cached_tokens=cached)
+            return PrefillOutput(first, reason, [], len(req.prompt), cached_tokens=cached, timing=timing)
         self._held.add(req.request_id)
-        return PrefillOutput(first, None, blocks, len(req.prompt), cached_tokens=cached)
+        return PrefillOutput(first, None, blocks, len(req.prompt), cached_tokens=cached, timing=timing)
 
     def allocate(self, request_id: str, num_tokens: int, max_new_tokens: int) -> list[int]:
         return self._alloc.allocate(request_id, blocks_for(num_tokens + max_new_tokens, self.o.block_size))
@@ -184,11 +188,11 @@ class MockerEngine:
             r.queue.put_nowait(TokenOutput([], "cancelled"))
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]:
-        first, reason, _, cached = await self._first_token(req, len(req.prompt) + req.sampling.max_tokens)
+        first, reason, _, cached, timing = await self._first_token(req, len(req.prompt) + req.sampling.max_tokens)
         if reason:
-            yield TokenOutput([first], reason, cached_tokens=cached)
+            yield TokenOutput([first], reason, cached_tokens=cached, timing=timing)
             return
-        yield TokenOutput([first], cached_tokens=cached)
+        yield TokenOutput([first], cached_tokens=cached, timing=timing)
         async for out in self._decode_stream(req, len(req.prompt) + 1, 1):
             yield out
 

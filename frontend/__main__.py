@@ -39,6 +39,8 @@ def main(argv=None) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--config", help="deployment YAML: its media limits (ALLOWED_LOCAL_MEDIA_PATH and "
                                     "MAX_FILE_SIZE_MB override them)")
+    p.add_argument("--trace-file", default=os.environ.get("HPC_TRACE_FILE"),
+                   help="append each request's stages here as JSONL (env HPC_TRACE_FILE)")
     a = p.parse_args(argv)
     if not a.etcd or not a.nats:
         p.error("--etcd and --nats are required (or HPC_ETCD and HPC_NATS)")
@@ -66,7 +68,8 @@ def main(argv=None) -> None:
     port = a.port or free_port()
     shown = a.host if a.host not in ("0.0.0.0", "::") else (os.environ.get("HPC_ADVERTISE_HOST")
                                                              or socket.gethostname())
-    app = create_app(Frontend(a.deployment, a.etcd, a.nats, a.router, a.model, a.request_timeout, policy),
+    app = create_app(Frontend(a.deployment, a.etcd, a.nats, a.router, a.model, a.request_timeout, policy,
+                                       a.trace_file),
                      on_ready=lambda: print(f"HPC_FRONTEND_READY http://{shown}:{port}", flush=True))
     try:
         # uvloop and httptools; no access log, proxy-header rewriting or server header: work per request that

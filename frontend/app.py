@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
@@ -36,6 +37,9 @@ class FrontendMetrics:
         self.in_flight = Gauge("hpc_frontend_in_flight", "Requests being served", registry=r)
         self.queue_depth = Gauge("hpc_worker_queue_depth", "Queue depth each worker reports", ["worker"],
                                  registry=r)
+        self.stages = Histogram("hpc_frontend_stage_seconds", "Where TTFT goes, per request: preprocess (here), "
+                                "prefill_rtt (here), and the worker's own queue, compute, encode; kv_transfer and "
+                                "decode_first on the decode worker", ["stage", "worker"], registry=r, buckets=BUCKETS)
 
 
 class RecentWindow:
@@ -68,9 +72,40 @@ class RecentWindow:
                 "itl_p99_ms": pct(self.itl, 0.99)}
 
 
+class Traces:
+    """Each finished request's stages (durations measured on one host each), for `hpc diagnose`: the last ones in
+    memory, and every one in a JSONL file when asked for (written in the background, never on the request path)."""
+
+    def __init__(self, path: str | None = None, keep: int = 20000):
+        self.recent: deque[dict] = deque(maxlen=keep)
+        self.path = path
+        self._pending: list[str] = []
+
+    def add(self, record: dict) -> None:
+        self.recent.append(record)
+        if self.path:
+            self._pending.append(json.dumps(record))
+
+    def since(self, seconds: float) -> list[dict]:
+        cutoff = time.time() - seconds
+        return [r for r in self.recent if r["time"] >= cutoff]
+
+    async def flush_forever(self) -> None:
+        while self.path:
+            await asyncio.sleep(0.5)
+            if self._pending:
+                lines, self._pending = self._pending, []
+                await asyncio.to_thread(self._append, lines)
+
+    def _append(self, lines: list[str]) -> None:
+        with open(self.path, "a") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 class Frontend:
     def __init__(self, deployment: str, etcd: str, nats: str, router: str = "round-robin",
-                 models: list[str] = (), request_timeout: float = 600.0, media_policy: MediaPolicy | None = None):
+                 models: list[str] = (), request_timeout: float = 600.0, media_policy: MediaPolicy | None = None,
+                 trace_file: str | None = None):
         self.client = ServingClient(deployment, etcd, nats, first_token_timeout=request_timeout)
         self.board = LoadBoard(self.client.in_flight)
         self.client.choose = make_router(router, self.board)
@@ -80,6 +115,7 @@ class Frontend:
         self.recent = RecentWindow()
         self.media_policy = media_policy or MediaPolicy()
         self._preparing: set[str] = set()
+        self.traces = Traces(trace_file)
 
     def count(self, status: str) -> None:
         """A request's outcome (HTTP status): in the metrics, and in the last minute's (server errors are errors)."""
@@ -91,6 +127,7 @@ class Frontend:
         self.client.directory.on_change(self._forget_departed)
         self.client.directory.on_change(self._prepare_new_models)
         self._prepare_new_models()
+        self._trace_writer = asyncio.create_task(self.traces.flush_forever())
         await self.client.bus.subscribe(self.client.subjects.load_all(), self._on_load)
 
     async def close(self) -> None:
@@ -158,11 +195,16 @@ class Frontend:
         sampling = Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                             seed=req.seed, ignore_eos=req.ignore_eos)
         detok, stops = files.detokenizer(), StopStrings(req.stop_list())
-        stream = self.client.generate(req.model, prompt, sampling, multimodal=list(images))
+        trace: dict = {}
+        stream = self.client.generate(req.model, prompt, sampling, multimodal=list(images), trace=trace)
         count, cached, last = 0, 0, None
+        preprocessed = time.perf_counter()
+        times: list[float] = []
         try:
             async for delta in stream:
                 now = time.perf_counter()
+                if len(times) < 2:
+                    times.append(now)
                 (self.metrics.ttft if last is None else self.metrics.itl).observe(now - (last or started))
                 (self.recent.ttft if last is None else self.recent.itl).append((time.monotonic(),
                                                                                  now - (last or started)))
@@ -181,6 +223,27 @@ class Frontend:
                     yield text, None, count, cached
         finally:
             await stream.aclose()  # stops the work on the workers if we leave early (stop string, disconnect)
+            if times:
+                self._record(req.model, started, preprocessed, times, len(prompt), cached, len(images), trace)
+
+    def _record(self, model: str, started: float, preprocessed: float, times: list[float], prompt_tokens: int,
+                cached: int, images: int, trace: dict) -> None:
+        """The request's stages: TTFT and its parts, and the time to the second token with the decode side's."""
+        record = {"time": time.time(), "model": model, "prompt_tokens": prompt_tokens, "cached_tokens": cached,
+                  "images": images, "preprocess": preprocessed - started, "ttft": times[0] - started,
+                  "second_token": times[1] - times[0] if len(times) > 1 else None, **trace}
+        self.traces.add(record)
+        stages = {"preprocess": record["preprocess"], "ttft": record["ttft"],
+                  "prefill_rtt": trace.get("prefill_rtt")}
+        for side in ("prefill", "decode"):
+            for stage, seconds in (trace.get(side) or {}).items():
+                if stage != "kv_bytes":
+                    stages[stage] = seconds
+        worker = trace.get("prefill_worker", "")
+        for stage, seconds in stages.items():
+            if seconds is not None:
+                self.metrics.stages.labels(stage, trace.get("decode_worker", worker) if stage in (
+                    "kv_transfer", "decode_first") else worker).observe(seconds)
 
 
 def control_app(fe: Frontend, on_ready: Callable[[], None] | None = None) -> FastAPI:
@@ -223,6 +286,23 @@ def control_app(fe: Frontend, on_ready: Callable[[], None] | None = None) -> Fas
     @app.get("/stats")
     async def stats():  # the last minute, for `hpc status`
         return fe.recent.summary()
+
+    @app.get("/stats/requests")
+    async def requests(window: float = 60.0):  # for `hpc diagnose`: each request's stages
+        return {"window_s": window, "requests": fe.traces.since(window)}
+
+    @app.get("/stats/workers")
+    async def workers():  # for `hpc diagnose`: where each worker runs and what it last reported
+        reported = fe.board.reported
+        out = {}
+        for w in fe.client.directory.workers.values():
+            s = reported.get(w.worker_id)
+            out[w.worker_id] = {"role": w.role, "host": w.host, "gpus": list(w.gpus), "engine": w.engine,
+                                "model": w.model, "max_batch_size": w.max_batch_size,
+                                "waiting": s.waiting if s else None, "running": s.running if s else None,
+                                "kv_blocks_total": s.kv_blocks_total if s else None,
+                                "kv_blocks_free": s.kv_blocks_free if s else None}
+        return out
 
     @app.get("/metrics")
     async def metrics():

@@ -91,7 +91,7 @@ def _print_nodes(cluster) -> None:
 
 
 def _register_commands() -> None:
-    from hpc.commands import serving, slurm  # noqa: F401  (importing registers their commands)
+    from hpc.commands import serving, slurm, tuning  # noqa: F401  (importing registers their commands)
 
 
 _register_commands()

@@ -231,7 +231,7 @@ class Launcher:
         on_ready("etcd", f"{head.nodes[0]}  {self.state.endpoints['etcd']}", time.monotonic() - t0)
         on_ready("nats", f"{head.nodes[0]}  {self.state.endpoints['nats']}", time.monotonic() - t0)
         services = {"HPC_ETCD": self.state.endpoints["etcd"], "HPC_NATS": self.state.endpoints["nats"]}
-        self._spawn(self.plan.step("frontend"), services)
+        self._spawn(self.plan.step("frontend"), {**services, "HPC_TRACE_FILE": str(self.run_dir / "trace.jsonl")})
         for step in self.plan.workers():  # workers load while the frontend starts
             self._spawn(step, services)
         fe_log = Path(self.state.steps["frontend"]["log"])

@@ -253,21 +253,34 @@ class Worker:
         return EngineRequest(req.request_id, list(req.token_ids), SamplingParams(
             s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, tuple(s.stop_token_ids), s.ignore_eos))
 
-    async def _stream(self, rid: str, outputs, reply) -> None:
+    async def _stream(self, rid: str, outputs, reply, timing: dict | None = None) -> None:
+        """The engine's outputs as token deltas; the first carries `timing` (and the engine's own)."""
+        first = True
+        t0 = time.perf_counter()
         async with aclosing(outputs):  # an error or a cancel ends the request in the engine now, not at GC
             async for out in outputs:
                 if out.error:
                     raise _Reply("internal", out.error)
                 self.metrics.tokens.inc(len(out.token_ids))
-                await reply(encode(TokenDelta(rid, out.token_ids, out.finish_reason, out.cached_tokens)))
+                stages = {}
+                if first:
+                    stages = {**(timing or {}), **out.timing}
+                    if self.o.role == "decode":
+                        stages["decode_first"] = time.perf_counter() - t0
+                    self.metrics.observe_stages(stages)
+                    first = False
+                await reply(encode(TokenDelta(rid, out.token_ids, out.finish_reason, out.cached_tokens, stages)))
 
-    async def with_images(self, req: GenerateRequest):
-        """The engine request, with the images' embeddings: encoded here, or by an encode worker (E/P/D)."""
+    async def with_images(self, req: GenerateRequest, timing: dict | None = None):
+        """The engine request, with the images' embeddings: encoded here, or by an encode worker (E/P/D). The time
+        it took goes to `timing["encode"]`."""
         ereq = self.engine_request(req)
         if req.multimodal:
             t0 = time.perf_counter()
             tensors = await (self.encoders.resolve(req) if self.encoders else embeddings_of(self.engine,
                                                                                           req.multimodal))
+            if timing is not None:
+                timing["encode"] = time.perf_counter() - t0
             self.metrics.encode_seconds.observe(time.perf_counter() - t0)
             for part in req.multimodal:
                 self.metrics.images.labels(part.kind).inc()
@@ -275,7 +288,8 @@ class Worker:
         return ereq
 
     async def serve_aggregated(self, req: GenerateRequest, reply) -> None:
-        await self._stream(req.request_id, self.engine.generate(await self.with_images(req)), reply)
+        timing: dict = {}
+        await self._stream(req.request_id, self.engine.generate(await self.with_images(req, timing)), reply, timing)
 
     async def serve_encode(self, req: EncodeRequest, reply) -> None:
         """Embeddings for a prefill worker: from the cache, or encoded (images) or loaded (files) now; each put in
@@ -304,8 +318,11 @@ class Worker:
 
     async def serve_prefill(self, req: GenerateRequest, reply) -> None:
         t0 = time.perf_counter()
-        out = await self.engine.prefill(await self.with_images(req))
+        timing: dict = {}
+        out = await self.engine.prefill(await self.with_images(req, timing))
         self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
+        timing.update(out.timing)
+        self.metrics.observe_stages(timing)
         kv = None
         if out.finish_reason is None and not self.engine.moves_own_kv:
             kv = self.transfer.handle(out.block_ids, out.num_tokens)
@@ -313,7 +330,8 @@ class Worker:
             self.held_changed.set()
         self.metrics.tokens.inc()
         await reply(encode(PrefillResult(req.request_id, out.first_token, out.num_tokens, out.finish_reason, kv,
-                                         disagg_params=out.handoff, cached_tokens=out.cached_tokens)))
+                                         disagg_params=out.handoff, cached_tokens=out.cached_tokens,
+                                         timing=timing)))
 
     async def serve_decode(self, req: GenerateRequest, reply) -> None:
         if self.engine.moves_own_kv:  # the engine pulls the KV itself (TensorRT-LLM's cache transceiver)
@@ -345,7 +363,8 @@ class Worker:
         self.metrics.kv_seconds.labels(result.path).observe(result.seconds)
         self.metrics.kv_gbps.labels(result.path).set(result.gbps)
         await self._stream(rid, self.engine.decode(self.engine_request(req), req.first_token, blocks,
-                                                   kv.num_tokens), reply)
+                                                   kv.num_tokens), reply,
+                           {"kv_transfer": result.seconds, "kv_bytes": float(result.bytes)})
 
     def stats(self) -> WorkerStats:
         s = self.engine.stats()

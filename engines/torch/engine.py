@@ -10,6 +10,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ class _Seq:
     keys: list[int] = field(default_factory=list)  # the prompt as the prefix cache sees it (images by digest)
     image_pos: torch.Tensor | None = None  # prompt positions that take image embeddings [P] (CPU)
     image_vec: torch.Tensor | None = None  # those embeddings [P, hidden] (CPU)
+    submitted: float = field(default_factory=time.perf_counter)
+    scheduled: float | None = None  # when a step first took it: the end of its queue wait
 
     @property
     def id(self) -> str:
@@ -307,6 +310,8 @@ class TorchEngine:
                 remaining if remaining <= budget or not batch else 0)
             if n == 0:
                 break
+            if seq.scheduled is None:
+                seq.scheduled = time.perf_counter()
             batch.append((seq, n))
             budget -= n
         return batch
@@ -432,14 +437,19 @@ class TorchEngine:
         seq.generated += 1
         self._generated_tokens += 1
         reason = self._finish_reason(seq, token)
+        timing = {}
+        if seq.generated == 1 and seq.scheduled is not None:  # the prompt is done: how long it waited and took
+            timing = {"queue": seq.scheduled - seq.submitted, "compute": time.perf_counter() - seq.scheduled}
         if seq.mode == "prefill":
             self._waiting.remove(seq)
             if reason:
-                self._finish(seq, PrefillOutput(token, reason, [], seq.num_prompt, cached_tokens=seq.cached))
+                self._finish(seq, PrefillOutput(token, reason, [], seq.num_prompt, cached_tokens=seq.cached,
+                                                timing=timing))
             else:
                 with self._lock:
                     self._held[seq.id] = seq
-                seq.out.put(PrefillOutput(token, None, list(seq.blocks), seq.num_prompt, cached_tokens=seq.cached))
+                seq.out.put(PrefillOutput(token, None, list(seq.blocks), seq.num_prompt, cached_tokens=seq.cached,
+                                          timing=timing))
             return
         if seq in self._waiting:  # its prompt is done: from now on it decodes
             self._waiting.remove(seq)
@@ -449,6 +459,6 @@ class TorchEngine:
             self._running.remove(seq)
         cached = seq.cached if seq.mode == "generate" and seq.generated == 1 else 0  # on the first output only
         if reason:
-            self._finish(seq, TokenOutput([token], reason, cached_tokens=cached))
+            self._finish(seq, TokenOutput([token], reason, cached_tokens=cached, timing=timing))
         else:
-            seq.out.put(TokenOutput([token], cached_tokens=cached))
+            seq.out.put(TokenOutput([token], cached_tokens=cached, timing=timing))

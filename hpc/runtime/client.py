@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import uuid
 from contextlib import aclosing
 from typing import AsyncIterator, Callable
@@ -105,13 +106,17 @@ class ServingClient:
         return self.choose(role, workers, req) if workers else None
 
     async def generate(self, model: str, token_ids: list[int], sampling: Sampling = Sampling(),
-                       request_id: str | None = None, multimodal: list = ()) -> AsyncIterator[TokenDelta]:
+                       request_id: str | None = None, multimodal: list = (),
+                       trace: dict | None = None) -> AsyncIterator[TokenDelta]:
+        """The request's token deltas. `trace`, when given, is filled with where the request went and where its
+        time went: the workers (id, host), the round trips seen from here, and each worker's own timing."""
         req = GenerateRequest(request_id or uuid.uuid4().hex, model, list(token_ids), sampling,
                               multimodal=list(multimodal))
+        trace = trace if trace is not None else {}
         if self.directory.by_role("aggregated", req.model):
-            stream = self._aggregated(req)
+            stream = self._aggregated(req, trace)
         else:
-            stream = self._disaggregated(req)
+            stream = self._disaggregated(req, trace)
         finished = False
         try:
             async with aclosing(stream):
@@ -124,13 +129,18 @@ class ServingClient:
             if not finished:  # the consumer left early, or an error: stop the work on the workers
                 await self.bus.publish(self.subjects.cancel(req.request_id), b"")
 
-    async def _aggregated(self, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
+    async def _aggregated(self, req: GenerateRequest, trace: dict) -> AsyncIterator[TokenDelta]:
         worker, sent = self._pick("aggregated", req), False
         if worker is None:
             raise NoWorkers(f"no worker serves model {req.model!r}")
+        t0 = time.perf_counter()
         try:
             async with aclosing(self._stream(worker, req)) as deltas:
                 async for delta in deltas:
+                    if not sent:
+                        trace.update(prefill_worker=worker.worker_id, prefill_host=worker.host,
+                                     prefill_gpus=list(worker.gpus), prefill_rtt=time.perf_counter() - t0,
+                                     prefill=dict(delta.timing))
                     sent = True
                     yield delta
         except PeerGone:
@@ -143,16 +153,20 @@ class ServingClient:
                 async for delta in deltas:
                     yield delta
 
-    async def _prefill(self, req: GenerateRequest) -> tuple[WorkerInfo, PrefillResult]:
+    async def _prefill(self, req: GenerateRequest, trace: dict) -> tuple[WorkerInfo, PrefillResult]:
         """The first token and the KV handle; a prefill worker that dies first is replaced by another, once."""
         prefill = self._pick("prefill", req)
         if prefill is None:
             raise NoWorkers(f"no prefill worker serves model {req.model!r}" if self.directory.by_role("decode", req.model)
                             else f"no worker serves model {req.model!r}")
         for attempt in (0, 1):
+            t0 = time.perf_counter()
             try:
                 async with aclosing(self._replies(prefill, req)) as replies:
                     async for batch in replies:
+                        trace.update(prefill_worker=prefill.worker_id, prefill_host=prefill.host,
+                                     prefill_gpus=list(prefill.gpus), prefill_rtt=time.perf_counter() - t0,
+                                     prefill=dict(getattr(batch[0], "timing", {}) or {}))
                         return prefill, batch[0]
                 raise ServingError("internal", f"prefill worker {prefill.worker_id} sent nothing")
             except PeerGone:
@@ -164,8 +178,8 @@ class ServingClient:
                 prefill = other
         raise AssertionError("unreachable")
 
-    async def _disaggregated(self, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
-        prefill, result = await self._prefill(req)
+    async def _disaggregated(self, req: GenerateRequest, trace: dict) -> AsyncIterator[TokenDelta]:
+        prefill, result = await self._prefill(req, trace)
         if not isinstance(result, PrefillResult):
             raise ServingError("internal", f"prefill worker {prefill.worker_id} sent {type(result).__name__}")
         yield TokenDelta(req.request_id, [result.first_token], result.finish_reason, result.cached_tokens)
@@ -176,8 +190,13 @@ class ServingClient:
             raise NoWorkers(f"no decode worker serves model {req.model!r}")
         follow = GenerateRequest(req.request_id, req.model, req.token_ids, req.sampling, first_token=result.first_token,
                                  kv=result.kv, prefill_worker=prefill.worker_id, disagg_params=result.disagg_params)
+        t0, first = time.perf_counter(), True
         async with aclosing(self._stream(decode, follow)) as deltas:
             async for delta in deltas:
+                if first:
+                    trace.update(decode_worker=decode.worker_id, decode_host=decode.host,
+                                 decode_rtt=time.perf_counter() - t0, decode=dict(delta.timing))
+                    first = False
                 yield delta
 
     async def _stream(self, worker: WorkerInfo, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
@@ -189,7 +208,7 @@ class ServingClient:
                 # Deltas that arrived together go on as one: one text delta, one HTTP write for the frontend.
                 delta = batch[0] if len(batch) == 1 else TokenDelta(
                     req.request_id, [t for d in batch for t in d.token_ids], batch[-1].finish_reason,
-                    sum(d.cached_tokens for d in batch))
+                    sum(d.cached_tokens for d in batch), batch[0].timing)
                 yield delta
                 if delta.finish_reason:
                     return

@@ -39,9 +39,17 @@ class WorkerMetrics:
                                            registry=r, buckets=LATENCY_BUCKETS)
         self.embedding_gbps = Gauge("hpc_embedding_transfer_gbps", "GB/s of the last embedding transfer",
                                     registry=r)
+        self.stages = Histogram("hpc_worker_stage_seconds", "Where a request's time goes on this worker: queue, "
+                                "compute (prefill), encode, kv_transfer, decode_first", ["stage"], registry=r,
+                                buckets=LATENCY_BUCKETS)
         self._counted = (0, 0)
         self.info = Gauge("hpc_worker_info", "Worker identity", list(labels), registry=r)
         self.info.labels(**labels).set(1)
+
+    def observe_stages(self, timing: dict) -> None:
+        for stage, seconds in timing.items():
+            if stage != "kv_bytes":
+                self.stages.labels(stage).observe(seconds)
 
     def count_prompt_tokens(self, total: int, reused: int) -> None:
         """The engine keeps running totals; the counters take what is new since the last call."""

@@ -122,6 +122,7 @@ class PrefillResult(msgspec.Struct, frozen=True, tag="prefill"):
     kv: KvHandle | None = None
     disagg_params: bytes | None = None
     cached_tokens: int = 0  # prompt tokens whose KV the prefix cache held
+    timing: dict[str, float] = {}  # seconds, measured on the worker: queue, compute, encode
 
 
 class TokenDelta(msgspec.Struct, frozen=True, tag="tokens", omit_defaults=True):
@@ -129,6 +130,9 @@ class TokenDelta(msgspec.Struct, frozen=True, tag="tokens", omit_defaults=True):
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     cached_tokens: int = 0  # on a request's first delta: prompt tokens the prefix cache held
+    # On a request's first delta, seconds measured on the worker: queue and compute (aggregated), or the KV transfer
+    # and the wait for the first decode step (decode). Durations on one host each: never a difference of clocks.
+    timing: dict[str, float] = {}
 
 
 class ErrorReply(msgspec.Struct, frozen=True, tag="error"):

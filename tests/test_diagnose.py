@@ -1,0 +1,143 @@
+"""`hpc diagnose` on live deployments of mocker workers with timing set per worker: it names the slow prefill
+worker, the overloaded one, a slow KV transfer, a full decode pool, and nothing on a healthy deployment; the
+numbers it prints agree with the timing the test set. `hpc tune prefill` finds a mocker's saturation point."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from harness import hpc, start_worker
+from hpc import bench
+from hpc.config import load_deployment
+from hpc.serve import LocalDeployment
+
+REPO = Path(__file__).resolve().parent.parent
+VOCAB = (10, 500)
+
+
+def mocker_yaml(path: Path, **timing) -> Path:
+    t = {"prefill_tokens_per_s": 100000, "prefill_overhead_ms": 2, "decode_step_ms": 4, "vocab_size": 500,
+         **{k: v for k, v in timing.items() if k not in ("max_batch_size", "reuse", "num_kv_blocks")}}
+    path.write_text(f"mocker: {json.dumps(t)}\nmax_batch_size: {timing.get('max_batch_size', 64)}\n"
+                    f"num_kv_blocks: {timing.get('num_kv_blocks', 2048)}\n"
+                    f"kv_cache_config: {{enable_block_reuse: {str(timing.get('reuse', False)).lower()}}}\n")
+    return path
+
+
+def deploy(tmp: Path, name: str, model: Path, prefill: Path, decode: Path, replicas: int = 1,
+           router: str = "round-robin") -> LocalDeployment:
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(f"name: {name}\nmodel: {{path: {model}, served_name: mock}}\ncluster: {{gpus_per_node: 0}}\n"
+                   f"frontend: {{router: {router}}}\nworkers:\n"
+                   f"  prefill: {{engine: mocker, engine_config: {prefill}, replicas: {replicas}}}\n"
+                   f"  decode: {{engine: mocker, engine_config: {decode}}}\n")
+    local = LocalDeployment(load_deployment(cfg), tmp / name, lease_ttl=2)
+    local.start()
+    return local
+
+
+def traffic(url: str, n: int, isl: int, osl: int, concurrency: int, shared_prefix: int = 0, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    prefix = [rng.randrange(*VOCAB) for _ in range(shared_prefix)]
+    prompts = [prefix + [rng.randrange(*VOCAB) for _ in range(isl - shared_prefix)] for _ in range(n)]
+    results, _ = asyncio.run(bench.level(url, "mock", prompts, osl, concurrency, 120))
+    assert not [r for r in results if r.error], [r.error for r in results if r.error][:1]
+
+
+def diagnosis(url: str, env: dict) -> tuple[int, dict]:
+    out = hpc(["diagnose", "--url", url, "--json", "--window", "120"], env, check=False)
+    assert out.returncode in (0, 1), out.stderr
+    return out.returncode, json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def env(tiny_model):
+    import os
+
+    return {**os.environ, "HPC_MODEL_DIR": str(tiny_model)}
+
+
+def test_healthy_deployment_has_nothing_to_fix(tmp_path, tiny_model, env):
+    y = mocker_yaml(tmp_path / "m.yaml")
+    local = deploy(tmp_path, "dx-healthy", tiny_model, y, y, replicas=2)
+    try:
+        traffic(local.url, 16, 500, 4, 1)
+        code, d = diagnosis(local.url, env)
+    finally:
+        local.stop()
+    assert code == 0 and d["findings"][0]["kind"] == "healthy", d["findings"]
+    assert d["summary"]["requests"] == 16
+    # 500 tokens at 100k tokens/s + 2 ms: about 7 ms of compute per request
+    assert 5 <= d["summary"]["stages_p50_ms"]["compute"] <= 12, d["summary"]
+
+
+def test_one_slow_prefill_worker_is_named_with_its_speed(tmp_path, tiny_model, env):
+    fast = mocker_yaml(tmp_path / "fast.yaml")
+    slow = mocker_yaml(tmp_path / "slow.yaml", prefill_tokens_per_s=25000)  # 4x slower
+    local = deploy(tmp_path, "dx-slow", tiny_model, fast, fast)
+    extra = start_worker(tmp_path / "logs", "prefill", tiny_model, local.etcd.url, local.nats.url, "dx-slow",
+                         engine="mocker", engine_config=slow, worker_id="prefill-slow", served_name="mock")
+    try:
+        extra.wait_ready()
+        traffic(local.url, 24, 1000, 2, 1)
+        code, d = diagnosis(local.url, env)
+    finally:
+        assert extra.stop()
+        local.stop()
+    assert code == 1
+    f = d["findings"][0]
+    assert f["kind"] == "compute" and f["worker"] == "prefill-slow", d["findings"]
+    # 1000 tokens at 25k tokens/s + 2 ms overhead = 42 ms per 1k tokens; the peer 12 ms
+    assert 36 <= f["evidence"]["ms_per_1k"] <= 55 and 9 <= f["evidence"]["peers_ms_per_1k"] <= 20, f
+
+
+def test_the_worker_the_router_overloads_is_named_with_its_queue(tmp_path, tiny_model, env):
+    y = mocker_yaml(tmp_path / "m.yaml", prefill_tokens_per_s=50000)
+    local = deploy(tmp_path, "dx-hot", tiny_model, y, y, replicas=2, router="kv-aware")
+    try:  # one shared 960-token prefix: kv-aware keeps every request on the worker that served it first
+        traffic(local.url, 32, 1024, 2, 2, shared_prefix=960)
+        code, d = diagnosis(local.url, env)
+    finally:
+        local.stop()
+    assert code == 1
+    f = next(f for f in d["findings"] if f["kind"] == "queue wait")
+    assert f["worker"] is not None and f["evidence"]["share"] > 0.75, d["findings"]
+    # 1024 tokens at 50k tokens/s = 22 ms each, 2 at a time on one worker: one waits for part of the other
+    assert 7 <= f["evidence"]["queue_p50_ms"] <= 30, f
+
+
+def test_a_slow_kv_transfer_is_named(tmp_path, tiny_model, env):
+    # 256 KiB of KV per token: 512 tokens move 128 MiB per request through NIXL (DRAM, TCP on this machine)
+    y = mocker_yaml(tmp_path / "m.yaml", kv_bytes_per_token=262144, num_kv_blocks=96)
+    local = deploy(tmp_path, "dx-kv", tiny_model, y, y)
+    try:
+        traffic(local.url, 6, 512, 3, 1)
+        code, d = diagnosis(local.url, env)
+    finally:
+        local.stop()
+    assert code == 1
+    f = next(f for f in d["findings"] if f["kind"] == "KV transfer")
+    assert f["evidence"]["share"] >= 0.3, f
+    # the bytes it names and the time it measured agree: 128 MiB / GB/s = the transfer time
+    assert abs(134.2 / f["evidence"]["gbps"] - f["evidence"]["transfer_p50_ms"]) <= \
+        0.35 * f["evidence"]["transfer_p50_ms"], f
+
+
+def test_a_full_decode_pool_is_named(tmp_path, tiny_model, env):
+    prefill = mocker_yaml(tmp_path / "p.yaml")
+    decode = mocker_yaml(tmp_path / "d.yaml", decode_step_ms=15, max_batch_size=2)
+    local = deploy(tmp_path, "dx-decode", tiny_model, prefill, decode)
+    try:  # 8 long streams at once into a decode worker that steps 2 at a time
+        traffic(local.url, 16, 64, 12, 8)
+        code, d = diagnosis(local.url, env)
+    finally:
+        local.stop()
+    assert code == 1
+    f = next(f for f in d["findings"] if f["kind"] == "decode")
+    # a new request waits for running ones to finish: several 15 ms steps
+    assert f["evidence"]["decode_first_p50_ms"] >= 30, f
