@@ -141,3 +141,47 @@ def test_a_full_decode_pool_is_named(tmp_path, tiny_model, env):
     f = next(f for f in d["findings"] if f["kind"] == "decode")
     # a new request waits for running ones to finish: several 15 ms steps
     assert f["evidence"]["decode_first_p50_ms"] >= 30, f
+
+
+def test_tune_prefill_finds_the_known_knee_and_writes_it(tmp_path, tiny_model, env):
+    """A mocker with 1.2 ms of overhead per prefill at 250k tokens/s: throughput N / (1.2 ms + N / 250k) is within
+    5% of its best (at 32768) from 8192 tokens per forward, and 6% short at 4096."""
+    y = tmp_path / "prefill.yaml"
+    y.write_text("# prefill engine\nmax_num_tokens: 2048\nmocker: {prefill_tokens_per_s: 250000, "
+                 "prefill_overhead_ms: 1.2, vocab_size: 500}\n")
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text(f"name: tune\nmodel: {{path: {tiny_model}, served_name: mock}}\ncluster: {{gpus_per_node: 0}}\n"
+                   f"workers:\n  prefill: {{engine: mocker, engine_config: {y.name}}}\n"
+                   f"  decode: {{engine: mocker, engine_config: {y.name}}}\n")
+    sizes = "1024,2048,4096,8192,16384,32768"
+    dry = hpc(["tune", "prefill", str(cfg), "--tokens", sizes, "--dry-run", "--plot", str(tmp_path / "knee.png"),
+               "--out", str(tmp_path / "tune.json"), "--isl", "1024"], env)
+    assert "smallest batch within 5% of the best throughput: 8192" in dry.stdout, dry.stdout
+    assert "+max_num_tokens: 8192" in dry.stdout and "nothing written" in dry.stdout
+    assert "max_num_tokens: 2048" in y.read_text()  # --dry-run writes nothing
+    assert (tmp_path / "knee.png").stat().st_size > 10_000
+    assert all(r["reused"] == 0 for r in json.loads((tmp_path / "tune.json").read_text())["rows"])
+    hpc(["tune", "prefill", str(cfg), "--tokens", sizes, "--write", "--isl", "1024"], env)
+    text = y.read_text()
+    assert text.startswith("# prefill engine\nmax_num_tokens: 8192\n") and "max_batch_size: 8" in text
+
+
+def test_tune_pd_recommends_workers_and_names_the_binding_limit(tmp_path, tiny_model, env):
+    from hpc.tune import recommend
+
+    # 10 req/s x 2000 tokens against 50k tokens/s of prefill: 0.4 workers of work -> 1 at 80% utilization; decode
+    # steps of 6 ms + 0.5 ms per sequence under a 20 ms ITL: batch 28, 28 / 20 ms = 1400 tokens/s per worker;
+    # 10 x 200 = 2000 tokens/s -> 2 decode workers.
+    r = recommend(10, 2000, 200, 50_000, 0.045, 6, 0.5, 500, 20)
+    assert (r.prefill_workers, r.decode_workers, r.decode_batch) == (1, 2, 28)
+    y = tmp_path / "m.yaml"
+    y.write_text("mocker: {prefill_tokens_per_s: 50000, prefill_overhead_ms: 1, decode_step_ms: 6, "
+                 "decode_ms_per_sequence: 0.5, vocab_size: 500}\n")
+    cfg = tmp_path / "pd.yaml"
+    cfg.write_text(f"name: pd\nmodel: {{path: {tiny_model}, served_name: mock}}\ncluster: {{gpus_per_node: 0}}\n"
+                   f"workers:\n  prefill: {{engine: mocker, engine_config: {y.name}}}\n"
+                   f"  decode: {{engine: mocker, engine_config: {y.name}}}\n")
+    out = hpc(["tune", "pd", str(cfg), "--rate", "40", "--isl", "2000", "--osl", "200", "--ttft-ms", "500",
+               "--itl-ms", "20"], env).stdout
+    # 40 x 2000 / ~48k tokens/s = 1.7 workers of work -> 3 prefill; 40 x 200 / 1400 -> 6 decode
+    assert "3 prefill" in out and "6 decode" in out and "binding" in out, out

@@ -73,3 +73,134 @@ def diagnose(deployment: Optional[str] = typer.Argument(None, help="A deployment
         color = "green" if healthy else "red"
         console.print(f"[{color}]{f.kind}:[/{color}] {f.message}")
     raise typer.Exit(0 if healthy else 1)
+
+
+tune_app = typer.Typer(help="Measure and tune: the prefill batch that saturates the engine; worker counts for a "
+                            "load.", no_args_is_help=True)
+app.add_typer(tune_app, name="tune")
+
+
+def _prefill_role(dep, config: Path) -> str:
+    for role in ("prefill", "aggregated"):
+        if getattr(dep.workers, role) is not None:
+            return role
+    raise HpcError(f"{config}: no workers.prefill or workers.aggregated to tune")
+
+
+def _srun_prefix(dep, role: str) -> list[str] | None:
+    """Inside an allocation, a GPU engine is measured on an allocated node (an srun step of one task)."""
+    import os
+
+    from hpc.plan import uses_gpus
+
+    if not os.environ.get("SLURM_JOB_ID") or not uses_gpus(dep, role):
+        return None
+    spec = getattr(dep.workers, role)
+    return ["srun", "--overlap", "-N1", "-n1", f"--gres=gpu:{spec.gpus_per_worker}", "--job-name=hpc.tune"]
+
+
+@tune_app.command("prefill")
+def tune_prefill(config: Path = typer.Argument(..., help="Deployment YAML"),
+                 tokens: str = typer.Option("256,512,1024,2048,4096,8192,16384",
+                                            help="Tokens per forward to measure"),
+                 repeats: int = typer.Option(3, help="Distinct prompts per size (the median counts)"),
+                 isl: Optional[int] = typer.Option(None, help="Typical prompt length: also sets max_batch_size to "
+                                                              "the prompts the knee holds"),
+                 write: bool = typer.Option(False, "--write", help="Write max_num_tokens (and max_batch_size) into "
+                                                                   "the prefill engine YAML"),
+                 dry_run: bool = typer.Option(False, "--dry-run", help="Show the change; write nothing (the "
+                                                                       "default without --write)"),
+                 plot: Optional[Path] = typer.Option(None, help="Throughput and TTFT against batch, as a PNG"),
+                 out: Optional[Path] = typer.Option(None, help="The table as JSON, with the command")) -> None:
+    """Prefill throughput and TTFT at increasing tokens per forward (distinct prompts, no cache hits); the
+    smallest batch within 5% of the best throughput, written into the prefill engine YAML."""
+    import difflib
+    import json
+    import time
+
+    from hpc.config import load_deployment
+    from hpc.tune import knee, measure, plot as draw, set_yaml_fields
+
+    dep = load_deployment(config)
+    role = _prefill_role(dep, config)
+    spec = getattr(dep.workers, role)
+    sizes = sorted({int(t) for t in tokens.split(",") if t.strip()})
+    if not sizes or min(sizes) < 1:
+        raise HpcError(f"--tokens {tokens!r}: expected positive integers like 256,1024,4096")
+    engine_yaml = dep.engine_config_path(role)
+    srun = _srun_prefix(dep, role)
+    with console.status(f"measuring the {spec.engine} {role} engine at {len(sizes)} sizes"
+                        + (" on an allocated node" if srun else "")):
+        rows = measure(spec.engine, dep.model.path, engine_yaml, sizes, repeats, dep.model.random_weights, srun)
+    chosen = knee(rows)
+    t = Table("tokens per forward", "TTFT ms", "tokens/s", "reused", title=f"{dep.name}: {role} engine "
+                                                                          f"({spec.engine})")
+    for r in rows:
+        mark = " ← knee" if r is chosen else ""
+        t.add_row(str(r["tokens"]) + mark, str(r["ttft_ms"]), str(r["tokens_per_s"]), str(r["reused"]))
+    console.print(t)
+    console.print(f"smallest batch within 5% of the best throughput: [bold]{chosen['tokens']}[/bold] tokens per "
+                  f"forward ({chosen['tokens_per_s']:.0f} tokens/s, TTFT {chosen['ttft_ms']} ms)")
+    fields = {"max_num_tokens": chosen["tokens"]}
+    if isl:
+        fields["max_batch_size"] = max(1, chosen["tokens"] // isl)
+    if out:
+        out.write_text(json.dumps({"command": " ".join(["hpc", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
+                                   "deployment": dep.name, "engine": spec.engine, "knee": chosen, "rows": rows},
+                                  indent=2))
+    if plot:
+        draw(rows, chosen, plot, f"{dep.name}: {role} prefill")
+        console.print(f"plot: {plot}")
+    if engine_yaml is None:
+        console.print(f"workers.{role} has no engine_config: set {fields} in one to use it")
+        return
+    before = engine_yaml.read_text()
+    after = set_yaml_fields(engine_yaml, fields)
+    diff = "".join(difflib.unified_diff(before.splitlines(True), after.splitlines(True), str(engine_yaml),
+                                        str(engine_yaml)))
+    if not diff:
+        console.print(f"{engine_yaml} already says so")
+    elif write and not dry_run:
+        engine_yaml.write_text(after)
+        console.print(f"wrote {', '.join(f'{k}: {v}' for k, v in fields.items())} into {engine_yaml}")
+    else:
+        sys.stdout.write(diff)
+        console.print("dry run: nothing written (--write to apply)")
+
+
+@tune_app.command("pd")
+def tune_pd(config: Path = typer.Argument(..., help="Deployment YAML"),
+            rate: float = typer.Option(..., help="Target requests/s"),
+            isl: int = typer.Option(..., help="Input tokens per request"),
+            osl: int = typer.Option(..., help="Output tokens per request"),
+            ttft_ms: float = typer.Option(..., help="TTFT limit"),
+            itl_ms: float = typer.Option(..., help="ITL limit"),
+            decode_step_ms: Optional[float] = typer.Option(None, help="A decode step at batch 1 (default: the "
+                                                                      "mocker's timing)"),
+            decode_ms_per_sequence: Optional[float] = typer.Option(None, help="What each running sequence adds "
+                                                                              "to a step")) -> None:
+    """Prefill and decode workers for a target load, from the prefill engine measured at ISL and the decode step
+    time; says which limit binds."""
+    from hpc.config import load_deployment
+    from hpc.tune import measure, recommend
+
+    dep = load_deployment(config)
+    role = _prefill_role(dep, config)
+    spec = getattr(dep.workers, role)
+    if decode_step_ms is None or decode_ms_per_sequence is None:
+        mock = dep.engine_config("decode" if dep.workers.decode else role).mocker
+        if mock is None:
+            raise HpcError("--decode-step-ms and --decode-ms-per-sequence are needed for a real engine (measure "
+                           "them with `hpc bench` at concurrency 1 and 16)")
+        decode_step_ms = mock.decode_step_ms if decode_step_ms is None else decode_step_ms
+        decode_ms_per_sequence = (mock.decode_ms_per_sequence if decode_ms_per_sequence is None
+                                  else decode_ms_per_sequence)
+    rows = measure(spec.engine, dep.model.path, dep.engine_config_path(role), [isl], 3, dep.model.random_weights,
+                   _srun_prefix(dep, role))
+    r = recommend(rate, isl, osl, rows[0]["tokens_per_s"], rows[0]["ttft_ms"] / 1000, decode_step_ms,
+                  decode_ms_per_sequence, ttft_ms, itl_ms)
+    console.print(f"prefill at ISL {isl}: {rows[0]['tokens_per_s']:.0f} tokens/s, TTFT {rows[0]['ttft_ms']} ms "
+                  f"(reused {rows[0]['reused']})")
+    console.print(f"recommendation for {rate:g} req/s: [bold]{r.prefill_workers} prefill[/bold] and "
+                  f"[bold]{r.decode_workers} decode[/bold] workers (decode batch up to {r.decode_batch})")
+    console.print(f"binding: {r.binding}")
