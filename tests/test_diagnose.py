@@ -185,3 +185,17 @@ def test_tune_pd_recommends_workers_and_names_the_binding_limit(tmp_path, tiny_m
                "--itl-ms", "20"], env).stdout
     # 40 x 2000 / ~48k tokens/s = 1.7 workers of work -> 3 prefill; 40 x 200 / 1400 -> 6 decode
     assert "3 prefill" in out and "6 decode" in out and "binding" in out, out
+
+
+def test_dashboard_reads_only_metrics_hpc_exports():
+    import re
+
+    dash = json.loads((REPO / "dashboards" / "hpc-serving.json").read_text())
+    exported = set()
+    for f in ("frontend/app.py", "hpc/runtime/metrics.py"):
+        exported |= set(re.findall(r'"(hpc_[a-z_]+)"', (REPO / f).read_text()))
+    for p in dash["panels"]:
+        for t in p["targets"]:
+            for name in re.findall(r"hpc_[a-z_]+", t["expr"]):
+                base = re.sub(r"_(bucket|total|count|sum)$", "", name)
+                assert base in exported, f"{p['title']}: {name} is not a metric hpc exports"
