@@ -81,9 +81,8 @@ async def load(url: str, concurrency: int, requests: int, offset: int) -> tuple[
 
 async def reused_tokens(local: LocalDeployment) -> int:
     """Prompt tokens the workers' prefix caches held, so far: 0 when every image and question is new."""
-    from hpc.runtime.client import ServingClient
 
-    async with ServingClient(local.dep.name, local.etcd.url, local.nats.url) as client:
+    async with local.client() as client:
         return sum([(await client.stats(w)).reused_prompt_tokens for w in client.directory.workers.values()])
 
 

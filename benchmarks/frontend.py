@@ -57,9 +57,8 @@ async def straight_ttft(direct, prompt: list[int], osl: int) -> float:
 
 
 def runtime_client(local: LocalDeployment):
-    from hpc.runtime.client import ServingClient
 
-    return ServingClient(local.dep.name, local.etcd.url, local.nats.url)
+    return local.client()
 
 
 async def paired_ttft_ms(local: LocalDeployment, floor_url: str, n: int, osl: int) -> dict:

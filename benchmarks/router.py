@@ -40,9 +40,8 @@ def workload(documents: int, requests: int, seed: int = 0) -> list[list[int]]:
 
 
 async def reuse_ratio(local: LocalDeployment) -> float:
-    from hpc.runtime.client import ServingClient
 
-    async with ServingClient(local.dep.name, local.etcd.url, local.nats.url) as client:
+    async with local.client() as client:
         stats = [await client.stats(w) for w in client.directory.workers.values()]
     prompt = sum(s.prompt_tokens for s in stats)
     return sum(s.reused_prompt_tokens for s in stats) / prompt if prompt else 0.0

@@ -16,14 +16,23 @@ from hpc.errors import HpcError
 from hpc.procs import free_port
 
 
-async def check_services(etcd: str, nats_url: str) -> None:
+async def check_services(etcd: str, nats_url: str, credentials, deployment: str) -> None:
     from hpc.runtime import discovery
     from hpc.runtime.messaging import Bus
 
-    client = await discovery.connect(etcd, timeout=5)
+    client = await discovery.connect(etcd, timeout=5, credentials=credentials, deployment=deployment)
     await client.close()
-    bus = await Bus.connect(nats_url, "frontend-check", timeout=5)
+    bus = await Bus.connect(nats_url, "frontend-check", timeout=5, credentials=credentials)
     await bus.close()
+
+
+def api_keys_from_file(path: str | None) -> list[str]:
+    if not path:
+        return []
+    try:
+        return [line.strip() for line in open(path) if line.strip() and not line.startswith("#")]
+    except OSError as e:
+        raise HpcError(f"frontend.api_key_file {path}: {e.strerror}") from None
 
 
 def main(argv=None) -> None:
@@ -39,6 +48,9 @@ def main(argv=None) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--config", help="deployment YAML: its media limits (ALLOWED_LOCAL_MEDIA_PATH and "
                                     "MAX_FILE_SIZE_MB override them)")
+    p.add_argument("--credentials", default=os.environ.get("HPC_CREDENTIALS"),
+                   help="the deployment's credentials file (env HPC_CREDENTIALS; written by the head step)")
+    p.add_argument("--insecure", action="store_true", help="etcd and NATS without credentials")
     p.add_argument("--trace-file", default=os.environ.get("HPC_TRACE_FILE"),
                    help="append each request's stages here as JSONL (env HPC_TRACE_FILE)")
     a = p.parse_args(argv)
@@ -47,17 +59,27 @@ def main(argv=None) -> None:
     logging.basicConfig(level=os.environ.get("HPC_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:  # fail with one clear line, before uvicorn, when a service is unreachable
-        asyncio.run(check_services(a.etcd, a.nats))
+        from hpc.runtime.credentials import Credentials
+
+        if not a.credentials and not a.insecure:
+            raise HpcError("no credentials for etcd and NATS: give --credentials FILE (HPC_CREDENTIALS), or "
+                           "--insecure for services that run without authentication")
+        credentials = Credentials.load(a.credentials) if a.credentials else None
+        asyncio.run(check_services(a.etcd, a.nats, credentials, a.deployment))
     except HpcError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     from frontend.media import MediaPolicy
 
+    keys, metrics_need_key = [k.strip() for k in os.environ.get("HPC_API_KEY", "").split(",") if k.strip()], False
     try:
         if a.config:
             from hpc.config import load_deployment
 
-            policy = MediaPolicy.from_config(load_deployment(a.config, check_files=False).media)
+            dep = load_deployment(a.config, check_files=False)
+            policy = MediaPolicy.from_config(dep.media)
+            keys += dep.frontend.api_keys + api_keys_from_file(dep.frontend.api_key_file)
+            metrics_need_key = dep.frontend.metrics_need_key
         else:
             from hpc.config import Media
 
@@ -68,8 +90,10 @@ def main(argv=None) -> None:
     port = a.port or free_port()
     shown = a.host if a.host not in ("0.0.0.0", "::") else (os.environ.get("HPC_ADVERTISE_HOST")
                                                              or socket.gethostname())
-    app = create_app(Frontend(a.deployment, a.etcd, a.nats, a.router, a.model, a.request_timeout, policy,
-                                       a.trace_file),
+    fe = Frontend(a.deployment, a.etcd, a.nats, a.router, a.model, a.request_timeout, policy,
+                  a.trace_file, credentials)
+    fe.set_api_keys(keys, metrics_need_key)
+    app = create_app(fe,
                      on_ready=lambda: print(f"HPC_FRONTEND_READY http://{shown}:{port}", flush=True))
     try:
         # uvloop and httptools; no access log, proxy-header rewriting or server header: work per request that

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -105,8 +106,9 @@ class Traces:
 class Frontend:
     def __init__(self, deployment: str, etcd: str, nats: str, router: str = "round-robin",
                  models: list[str] = (), request_timeout: float = 600.0, media_policy: MediaPolicy | None = None,
-                 trace_file: str | None = None):
-        self.client = ServingClient(deployment, etcd, nats, first_token_timeout=request_timeout)
+                 trace_file: str | None = None, credentials=None):
+        self.client = ServingClient(deployment, etcd, nats, first_token_timeout=request_timeout,
+                                    credentials=credentials)
         self.board = LoadBoard(self.client.in_flight)
         self.client.choose = make_router(router, self.board)
         self.declared = set(models)
@@ -116,6 +118,21 @@ class Frontend:
         self.media_policy = media_policy or MediaPolicy()
         self._preparing: set[str] = set()
         self.traces = Traces(trace_file)
+        self.api_keys: tuple[bytes, ...] = ()
+        self.metrics_need_key = False
+
+    def set_api_keys(self, keys: list[str], metrics_need_key: bool = False) -> None:
+        self.api_keys = tuple(k.encode() for k in keys if k)
+        self.metrics_need_key = metrics_need_key
+
+    def authorized(self, scope) -> bool:
+        """/health is open (and /metrics and /stats unless metrics_need_key); anything else needs a key."""
+        path = scope.get("path", "")
+        if path == "/health" or ((path == "/metrics" or path.startswith("/stats")) and not self.metrics_need_key):
+            return True
+        header = next((v for k, v in scope.get("headers", []) if k == b"authorization"), b"")
+        token = header[7:].strip() if header[:7].lower() == b"bearer " else b""
+        return any(hmac.compare_digest(token, key) for key in self.api_keys)
 
     def count(self, status: str) -> None:
         """A request's outcome (HTTP status): in the metrics, and in the last minute's (server errors are errors)."""

@@ -232,6 +232,10 @@ class GenerationApp:
         self.fe, self.fallback = fe, fallback
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.fe.api_keys and not self.fe.authorized(scope):
+            return await self.fail(send, ApiError(401, "invalid or missing API key: send Authorization: Bearer "
+                                                       "<key>", "invalid_request_error",
+                                                  headers={"WWW-Authenticate": "Bearer"}))
         model = self.ROUTES.get(scope.get("path")) if scope["type"] == "http" else None
         if model is None:
             return await self.fallback(scope, receive, send)

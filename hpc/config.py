@@ -164,6 +164,11 @@ class Frontend(Strict):
     port: int = Field(8000, ge=0, le=65535)
     router: Literal["round-robin", "least-loaded", "kv-aware"] = "round-robin"
     request_timeout_s: float = Field(600, gt=0)
+    # Clients must send one of these as `Authorization: Bearer KEY` (none: open). A key file (one key per line)
+    # keeps them out of the config; HPC_API_KEY (comma-separated) in the frontend's environment adds more.
+    api_keys: list[str] = []
+    api_key_file: str | None = None
+    metrics_need_key: bool = False  # /health is always open; /metrics too unless this is set
 
 
 class Cluster(Strict):

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from hpc.errors import HpcError
+from hpc.runtime.credentials import Credentials
 from hpc.services import start_etcd, start_nats
 
 
@@ -32,6 +33,8 @@ def advertise_host() -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m hpc.head", description=__doc__)
     p.add_argument("--state-dir", required=True)
+    p.add_argument("--deployment", help="its name: etcd's deployment user reaches /hpc/<name>/ only; without it, "
+                                        "etcd and NATS run without authentication")
     a = p.parse_args(argv)
     state = Path(a.state_dir)
     data = Path(os.environ.get("TMPDIR", "/tmp")) / f"hpc-head-{os.getpid()}"  # node-local, like real clusters
@@ -43,9 +46,13 @@ def main(argv=None) -> None:
     ports = _previous_ports(state / "endpoints.json", host)
     services = {}
     try:
-        services["etcd"] = start_etcd(data / "etcd", host=bind, advertise=host, port=ports.get("etcd", 0))
-        services["nats"] = start_nats(data / "nats", host=bind, advertise=host, port=ports.get("nats", 0))
-        endpoints = {"etcd": services["etcd"].url, "nats": services["nats"].url, "host": host, "pid": os.getpid()}
+        creds = Credentials.load_or_create(state / "credentials.json", a.deployment) if a.deployment else None
+        services["etcd"] = start_etcd(data / "etcd", host=bind, advertise=host, port=ports.get("etcd", 0),
+                                      credentials=creds, deployment=a.deployment)
+        services["nats"] = start_nats(data / "nats", host=bind, advertise=host, port=ports.get("nats", 0),
+                                      credentials=creds)
+        endpoints = {"etcd": services["etcd"].url, "nats": services["nats"].url, "host": host, "pid": os.getpid(),
+                     "credentials": str((state / "credentials.json").resolve()) if creds else None}
         tmp = state / "endpoints.json.tmp"
         tmp.write_text(json.dumps(endpoints))
         tmp.rename(state / "endpoints.json")
@@ -53,7 +60,7 @@ def main(argv=None) -> None:
         while not stop.wait(0.2):
             for name, service in services.items():
                 if service.popen.poll() is not None:
-                    services[name] = _restart(name, service, data, bind, host)
+                    services[name] = _restart(name, service, data, bind, host, creds, a.deployment)
     except HpcError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -77,15 +84,15 @@ def _previous_ports(endpoints: Path, host: str) -> dict[str, int]:
     return {name: _port(old[name]) for name in ("etcd", "nats") if name in old}
 
 
-def _restart(name: str, service, data: Path, bind: str, host: str):
+def _restart(name: str, service, data: Path, bind: str, host: str, creds, deployment: str | None):
     print(f"HPC_RESTART {name}: exited with code {service.popen.returncode}; starting it again on "
           f"{service.url}", flush=True)
     for attempt in range(20):  # the old process may hold its port for a moment
         try:
             if name == "etcd":
                 return start_etcd(data / name, host=bind, advertise=host, port=_port(service.url),
-                                  peer_port=service.peer_port)
-            return start_nats(data / name, host=bind, advertise=host, port=_port(service.url))
+                                  peer_port=service.peer_port, credentials=creds, deployment=deployment)
+            return start_nats(data / name, host=bind, advertise=host, port=_port(service.url), credentials=creds)
         except HpcError:
             time.sleep(0.5)
     raise HpcError(f"{name} exited and could not be started again on {service.url}")

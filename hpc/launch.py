@@ -222,6 +222,7 @@ class Launcher:
         t0 = time.monotonic()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "endpoints.json").unlink(missing_ok=True)
+        (self.state_dir / "credentials.json").unlink(missing_ok=True)  # new secrets for every launch
         self.state.save()
         head = self.plan.step("head")
         self._spawn(head, {})
@@ -230,7 +231,7 @@ class Launcher:
         self.state.endpoints = json.loads(endpoints.read_text())
         on_ready("etcd", f"{head.nodes[0]}  {self.state.endpoints['etcd']}", time.monotonic() - t0)
         on_ready("nats", f"{head.nodes[0]}  {self.state.endpoints['nats']}", time.monotonic() - t0)
-        services = {"HPC_ETCD": self.state.endpoints["etcd"], "HPC_NATS": self.state.endpoints["nats"]}
+        services = self.services()
         self._spawn(self.plan.step("frontend"), {**services, "HPC_TRACE_FILE": str(self.run_dir / "trace.jsonl")})
         for step in self.plan.workers():  # workers load while the frontend starts
             self._spawn(step, services)
@@ -266,10 +267,18 @@ class Launcher:
 
     def scale_up(self, steps: list[Step], on_ready, timeout: float = 600) -> None:
         """Start more worker steps in the running deployment (the head services are already there)."""
-        services = {"HPC_ETCD": self.state.endpoints["etcd"], "HPC_NATS": self.state.endpoints["nats"]}
+        services = self.services()
         for step in steps:
             self._spawn(step, services)
         self.wait_workers(steps, on_ready, time.monotonic(), timeout)
+
+    def services(self) -> dict:
+        """What every step after the head needs: the services' URLs and the path of the deployment's credentials
+        (a path: the secrets never go on a command line or into the environment)."""
+        env = {"HPC_ETCD": self.state.endpoints["etcd"], "HPC_NATS": self.state.endpoints["nats"]}
+        if self.state.endpoints.get("credentials"):
+            env["HPC_CREDENTIALS"] = self.state.endpoints["credentials"]
+        return env
 
     def healthy(self) -> bool:
         return http_ok(f"{self.state.frontend_url}/health")

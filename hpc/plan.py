@@ -104,7 +104,7 @@ def plan(dep: Deployment, alloc: Allocation, config_path: str, state_dir: str,
                         f"{gpn} GPUs = {gpn * len(nodes)} (ask for {-(-gpus_needed // max(gpn, 1))} nodes)")
     head = nodes[0]
     steps = [
-        Step("head", "head", (head,), module="hpc.head", args=("--state-dir", state_dir)),
+        Step("head", "head", (head,), module="hpc.head", args=("--state-dir", state_dir, "--deployment", dep.name)),
         Step("frontend", "frontend", (head,), module="frontend", args=(
             "--deployment", dep.name, "--host", "0.0.0.0",
             "--port", str(dep.frontend.port if frontend_port is None else frontend_port),

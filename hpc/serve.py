@@ -3,6 +3,7 @@ local processes. Every process is started here and stopped here, by PID."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Callable
 
 from hpc.config import Deployment
 from hpc.errors import HpcError
+from hpc.runtime.credentials import Credentials
 from hpc.plan import uses_gpus
 from hpc.procs import Pid, free_port, http_ok, log_tail, spawn, stop
 from hpc.services import Service, start_etcd, start_nats
@@ -40,6 +42,7 @@ class LocalDeployment:
     etcd: Service | None = None
     nats: Service | None = None
     components: list[Component] = field(default_factory=list)
+    credentials: Credentials | None = None  # the deployment's, generated at start (state_dir/credentials.json)
 
     @property
     def url(self) -> str:
@@ -48,7 +51,26 @@ class LocalDeployment:
     def model_path(self) -> str:
         return str(Path(self.dep.model.path).expanduser().resolve())
 
+    @property
+    def owner_file(self) -> Path:
+        return self.state_dir / "serve.json"
+
+    def already_running(self) -> str | None:
+        """Who serves this deployment from this state directory now, if anyone (a second one would wait behind
+        etcd's data-directory lock)."""
+        try:
+            owner = json.loads(self.owner_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if Pid(owner["pid"], owner["start"]).alive():
+            return (f"deployment {self.dep.name} is already served from {self.state_dir} by PID {owner['pid']} at "
+                    f"{owner['url']}: stop it first (Ctrl-C in its terminal, or kill {owner['pid']})")
+        return None
+
     def start(self, on_ready: Callable[[Component], None] = lambda c: None, timeout: float = 120) -> None:
+        running = self.already_running()
+        if running:
+            raise HpcError(running)
         t0 = time.monotonic()
         try:
             self._start(on_ready, t0, timeout)
@@ -61,11 +83,18 @@ class LocalDeployment:
         if not Path(self.model_path(), "config.json").exists():
             raise HpcError(f"model.path {dep.model.path}: no config.json there (expected a Hugging Face model "
                            f"directory)")
-        self.etcd = start_etcd(self.state_dir / "etcd")
+        self.credentials = Credentials.generate(dep.name)
+        secrets = self.state_dir / "credentials.json"
+        self.credentials.save(secrets)
+        self.port = self.port or free_port()
+        me = Pid.of(os.getpid())
+        self.owner_file.write_text(json.dumps({"pid": me.pid, "start": me.start, "url": self.url}))
+        self.etcd = start_etcd(self.state_dir / "etcd", credentials=self.credentials, deployment=dep.name)
         on_ready(Component("etcd", ready_after=time.monotonic() - t0, detail=self.etcd.url))
-        self.nats = start_nats(self.state_dir / "nats")
+        self.nats = start_nats(self.state_dir / "nats", credentials=self.credentials)
         on_ready(Component("nats", ready_after=time.monotonic() - t0, detail=self.nats.url))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HPC_ETCD": self.etcd.url, "HPC_NATS": self.nats.url}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HPC_ETCD": self.etcd.url, "HPC_NATS": self.nats.url,
+               "HPC_CREDENTIALS": str(secrets.resolve())}
         env.setdefault("OMP_NUM_THREADS", "1")
         pending = []
         gpu_turn = 0
@@ -129,4 +158,12 @@ class LocalDeployment:
             if s is not None and not s.stop():
                 stuck.append(s.name)
         self.nats = self.etcd = None
+        if not stuck:
+            self.owner_file.unlink(missing_ok=True)
         return stuck
+
+    def client(self, **kwargs):
+        """A ServingClient of this deployment, with its credentials."""
+        from hpc.runtime.client import ServingClient
+
+        return ServingClient(self.dep.name, self.etcd.url, self.nats.url, credentials=self.credentials, **kwargs)

@@ -4,6 +4,7 @@ Used by tests, by `hpc serve` and by the head-node step of a Slurm launch."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import urllib.request
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpc.errors import HpcError
+from hpc.runtime.credentials import enable_etcd_auth, nats_config
 from hpc.procs import Pid, free_port, spawn, stop, tcp_open, wait_until
 
 MAX_PAYLOAD = 64 << 20  # NATS's hard ceiling; the frontend's request body cap (32 MiB) is below it
@@ -51,8 +53,10 @@ def _etcd_healthy(url: str) -> bool:
 
 
 def start_etcd(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: float = 20,
-               advertise: str | None = None, peer_port: int = 0) -> Service:
-    """etcd listening on `host` (0.0.0.0 for every interface), reachable by others as `advertise`."""
+               advertise: str | None = None, peer_port: int = 0, credentials=None,
+               deployment: str | None = None) -> Service:
+    """etcd listening on `host` (0.0.0.0 for every interface), reachable by others as `advertise`. With
+    `credentials`, authentication is on and the deployment's user reaches /hpc/<deployment>/ only."""
     exe = require_binary("etcd")
     port = port or free_port(host)
     peer = peer_port or free_port(host)
@@ -67,8 +71,11 @@ def start_etcd(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: 
                    "--log-level", "warn"], log)
     service = Service("etcd", url, data_dir, log, popen, peer)
     try:
-        wait_until(lambda: _etcd_healthy(f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"), timeout,
-                   f"etcd on {url}", alive=lambda: popen.poll() is None, log=log)
+        local = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+        wait_until(lambda: _etcd_healthy(local), timeout, f"etcd on {url}", alive=lambda: popen.poll() is None,
+                   log=log)
+        if credentials is not None:
+            enable_etcd_auth(local, credentials, deployment)
     except BaseException:
         service.stop()
         raise
@@ -76,7 +83,8 @@ def start_etcd(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: 
 
 
 def start_nats(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: float = 20,
-               advertise: str | None = None) -> Service:
+               advertise: str | None = None, credentials=None) -> Service:
+    """nats-server; with `credentials`, only a client with the deployment's user and password connects."""
     exe = require_binary("nats-server")
     port = port or free_port(host)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +92,9 @@ def start_nats(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: 
     # Images travel inside requests (the frontend checked them, up to media.max_file_size_mb): NATS's 1 MiB
     # default payload is too small for them.
     conf = data_dir / "nats.conf"
-    conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the password
+    with os.fdopen(fd, "w") as f:
+        f.write(f"max_payload: {MAX_PAYLOAD}\n" + nats_config(credentials))
     popen = spawn([exe, "-c", str(conf), "-a", host, "-p", str(port), "-js", "-sd", str(data_dir / "jetstream")],
                   log)
     service = Service("nats", f"nats://{advertise or host}:{port}", data_dir, log, popen)

@@ -74,12 +74,13 @@ async def _from_services(state: LaunchState, listen_s: float) -> tuple[set[str] 
     """Registered worker ids (etcd) and each worker's load over `listen_s` (its reports on NATS, every 0.25 s)."""
     from hpc.runtime.messaging import Bus
     from hpc.runtime.protocol import Subjects, decode_reply
-    from hpc.supervise import registered_workers
+    from hpc.supervise import credentials_of, registered_workers
 
-    registered = await registered_workers(state.deployment, state.endpoints["etcd"])
+    creds = credentials_of(state)
+    registered = await registered_workers(state.deployment, state.endpoints["etcd"], creds)
     reports: dict[str, list[tuple[float, object]]] = {}
     try:
-        bus = await Bus.connect(state.endpoints["nats"], "hpc-status", timeout=2)
+        bus = await Bus.connect(state.endpoints["nats"], "hpc-status", timeout=2, credentials=creds)
     except HpcError:
         return registered, {}
 

@@ -84,7 +84,8 @@ class Supervisor:
             info.setdefault("cause", f"its step ended ({_last_words(Path(info['log']))})")
             self._log(state, f"{name}: {info['cause']}")
             if info.get("role") and state.endpoints:  # its registration goes now, not at the end of its lease
-                asyncio.run(forget_worker(state.deployment, state.endpoints["etcd"], info["role"], name))
+                asyncio.run(forget_worker(state.deployment, state.endpoints["etcd"], info["role"], name,
+                                          credentials_of(state)))
         recent = [r for r in info.get("restarts", []) if now - r["time"] < policy.get("window_s", 600)]
         if len(recent) >= policy.get("max", 0):
             info["given_up"] = (f"{len(recent)} restarts in {policy.get('window_s', 600):g} s"
@@ -120,7 +121,7 @@ class Supervisor:
             return None
         if not state.endpoints:
             return None
-        return asyncio.run(registered_workers(state.deployment, state.endpoints["etcd"]))
+        return asyncio.run(registered_workers(state.deployment, state.endpoints["etcd"], credentials_of(state)))
 
     def _log(self, state: LaunchState, line: str) -> None:
         stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
@@ -135,14 +136,22 @@ def _last_words(log: Path) -> str:
     return lines[-1][-200:] if lines else "no output"
 
 
-async def registered_workers(deployment: str, etcd_url: str) -> set[str] | None:
+def credentials_of(state: LaunchState):
+    """The deployment's credentials (None for services without authentication)."""
+    from hpc.runtime.credentials import Credentials
+
+    path = (state.endpoints or {}).get("credentials")
+    return Credentials.load(path) if path else None
+
+
+async def registered_workers(deployment: str, etcd_url: str, credentials=None) -> set[str] | None:
     """The worker ids registered in etcd now; None when etcd does not answer (then nothing is concluded)."""
     from hpc.runtime import discovery
     from hpc.runtime.discovery import WorkerDirectory
     from hpc.runtime.protocol import Keys
 
     try:
-        client = await discovery.connect(etcd_url, timeout=2)
+        client = await discovery.connect(etcd_url, timeout=2, credentials=credentials, deployment=deployment)
     except HpcError:
         return None
     try:
@@ -158,13 +167,13 @@ async def registered_workers(deployment: str, etcd_url: str) -> set[str] | None:
             pass
 
 
-async def forget_worker(deployment: str, etcd_url: str, role: str, worker_id: str) -> None:
+async def forget_worker(deployment: str, etcd_url: str, role: str, worker_id: str, credentials=None) -> None:
     """End a dead worker's lease: its keys go, and every watcher (frontends, status) hears it at once."""
     from hpc.runtime import discovery
     from hpc.runtime.protocol import Keys
 
     try:
-        client = await discovery.connect(etcd_url, timeout=2)
+        client = await discovery.connect(etcd_url, timeout=2, credentials=credentials, deployment=deployment)
     except HpcError:
         return
     try:

@@ -47,6 +47,8 @@ def start_worker(log_dir: Path, role: str, model: Path, etcd: str, nats: str, de
     argv = [sys.executable, "-m", "workers", "--role", role, "--engine", engine, "--deployment", deployment,
             "--model", str(model), "--served-name", served_name, "--engine-config", str(engine_config),
             "--etcd", etcd, "--nats", nats, "--worker-id", worker_id, "--lease-ttl", "2", *extra]
+    if "--credentials" not in extra:
+        argv.append("--insecure")
     with open(log, "wb") as out:
         popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     return WorkerProc(popen, log, worker_id)

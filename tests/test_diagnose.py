@@ -81,7 +81,8 @@ def test_one_slow_prefill_worker_is_named_with_its_speed(tmp_path, tiny_model, e
     slow = mocker_yaml(tmp_path / "slow.yaml", prefill_tokens_per_s=25000)  # 4x slower
     local = deploy(tmp_path, "dx-slow", tiny_model, fast, fast)
     extra = start_worker(tmp_path / "logs", "prefill", tiny_model, local.etcd.url, local.nats.url, "dx-slow",
-                         engine="mocker", engine_config=slow, worker_id="prefill-slow", served_name="mock")
+                         engine="mocker", engine_config=slow, worker_id="prefill-slow", served_name="mock",
+                         extra=["--credentials", str(tmp_path / "dx-slow" / "credentials.json")])
     try:
         extra.wait_ready()
         traffic(local.url, 24, 1000, 2, 1)

@@ -143,7 +143,7 @@ def test_hpc_bench_against_the_frontend(stacks, tmp_path):
 
 
 async def wait_blocks_free(stack, deployment: str) -> list:
-    async with ServingClient(deployment, stack.etcd.url, stack.nats.url) as sc:
+    async with stack.client() as sc:
         for _ in range(100):
             stats = [await sc.stats(w) for w in sc.directory.workers.values()]
             if all(s.kv_blocks_free == s.kv_blocks_total and s.running == 0 and s.held == 0 for s in stats):
@@ -179,17 +179,17 @@ async def worker_idle_within(etcd: str, nats: str, deployment: str, seconds: flo
     return False
 
 
-def test_errors_from_workers_timeout_failure_and_leaving(tmp_path, tiny_model, stacks):
+def test_errors_from_workers_timeout_failure_and_leaving(tmp_path, tiny_model, etcd, nats):
     """504 when a worker is too slow (request timeout 4 s), and the work stops; a client leaving during the
     prefill stops it too; 502 when the worker dies mid-request (noticed when its 2 s lease ends, before the
     timeout); 503 once the model has no workers."""
-    etcd, nats = stacks["agg"].etcd.url, stacks["agg"].nats.url
+    etcd, nats = etcd.url, nats.url  # services of its own, without authentication
     port = free_port()
     fe_log = tmp_path / "frontend.log"
     with open(fe_log, "wb") as out:
         fe = subprocess.Popen([sys.executable, "-m", "frontend", "--deployment", "edge", "--etcd", etcd, "--nats",
                                nats, "--host", "127.0.0.1", "--port", str(port), "--model", MODEL,
-                               "--request-timeout", "4"], stdout=out, stderr=subprocess.STDOUT)
+                               "--request-timeout", "4", "--insecure"], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     slow = tmp_path / "slow.yaml"
     slow.write_text("mocker: {prefill_tokens_per_s: 20, vocab_size: 500}\n")  # 120 tokens: 6 s of prefill
@@ -243,7 +243,8 @@ def test_errors_from_workers_timeout_failure_and_leaving(tmp_path, tiny_model, s
 def test_workers_join_and_leave_while_serving(stacks, tiny_model, tmp_path):
     stack = stacks["agg"]
     extra = start_worker(tmp_path, "aggregated", tiny_model, stack.etcd.url, stack.nats.url, "tiny-agg",
-                         worker_id="aggregated-extra").wait_ready()
+                         worker_id="aggregated-extra",
+                         extra=["--credentials", str(stack.state_dir / "credentials.json")]).wait_ready()
     c = client(stack)
     ask = lambda: c.completions.create(model=MODEL, prompt="Hello there", max_tokens=4, temperature=0)  # noqa
     first = ask().choices[0].text
@@ -261,7 +262,7 @@ def test_workers_join_and_leave_while_serving(stacks, tiny_model, tmp_path):
 def test_cached_tokens_equal_the_workers_reused_tokens(stacks):
     """usage.prompt_tokens_details.cached_tokens is what the prefix cache held, as the workers count it."""
     async def reused(stack) -> int:
-        async with ServingClient(stack.dep.name, stack.etcd.url, stack.nats.url) as sc:
+        async with stack.client() as sc:
             for _ in range(100):
                 if sc.directory.workers:
                     break

@@ -113,8 +113,10 @@ def test_decode_worker_killed_mid_stream_errors_within_a_second_and_comes_back(e
 
 
 def test_etcd_and_nats_killed_come_back_and_workers_register_again(env, disagg):
+    etcd_port = disagg["endpoints"]["etcd"].rsplit(":", 1)[1]
+    nats_port = disagg["endpoints"]["nats"].rsplit(":", 1)[1]
     t0 = time.monotonic()
-    assert kill("etcd --name") and kill("nats-server -a")
+    assert kill(f"etcd --name hpc-{etcd_port}") and kill(f"-p {nats_port} ")  # this deployment's, no other
 
     def serves():
         try:

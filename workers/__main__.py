@@ -15,6 +15,7 @@ import sys
 from engines.base import EngineError
 from hpc.config import EngineConfig, load_deployment, load_engine_config
 from hpc.errors import HpcError
+from hpc.runtime.credentials import Credentials
 from workers.engines import build_engine
 from workers.worker import Worker, WorkerOptions
 
@@ -46,6 +47,10 @@ def parse(argv=None) -> WorkerOptions:
                                                                 "when the deployment has workers.encode)")
     p.add_argument("--embedding-buffer-mb", type=int, default=64, help="NIXL buffer for embeddings in flight")
     p.add_argument("--encode-cache-mb", type=int, default=512, help="an encode worker's cache of embeddings")
+    p.add_argument("--credentials", default=os.environ.get("HPC_CREDENTIALS"),
+                   help="the deployment's credentials file (env HPC_CREDENTIALS; written by the head step)")
+    p.add_argument("--insecure", action="store_true", help="connect to etcd and NATS without credentials "
+                                                           "(tests, hand-run services)")
     a = p.parse_args(argv)
     dep = load_deployment(a.config) if a.config else None
     spec = getattr(dep.workers, a.role) if dep else None
@@ -60,6 +65,10 @@ def parse(argv=None) -> WorkerOptions:
     if missing:
         p.error(f"missing {', '.join(missing)} (or give --config)")
     model = a.model or dep.model.path
+    if not a.credentials and not a.insecure:
+        raise HpcError("no credentials for etcd and NATS: give --credentials FILE (HPC_CREDENTIALS), or --insecure "
+                       "for services that run without authentication")
+    credentials = Credentials.load(a.credentials) if a.credentials else None
     return WorkerOptions(
         role=a.role, engine=a.engine or spec.engine, deployment=a.deployment or dep.name, model_path=model,
         served_name=a.served_name or (dep.model.name if dep else os.path.basename(model.rstrip("/"))),
@@ -71,7 +80,7 @@ def parse(argv=None) -> WorkerOptions:
         random_weights=a.random_weights or bool(dep and dep.model.random_weights),
         remote_encode=a.remote_encode or bool(dep and dep.workers.encode is not None and a.role in ("prefill",
                                                                                                      "aggregated")),
-        embedding_buffer_mb=a.embedding_buffer_mb, encode_cache_mb=a.encode_cache_mb)
+        embedding_buffer_mb=a.embedding_buffer_mb, encode_cache_mb=a.encode_cache_mb, credentials=credentials)
 
 
 def mpi_rank() -> tuple[int, int]:

@@ -55,6 +55,7 @@ class WorkerOptions:
     remote_encode: bool = False  # E/P/D: images go to the deployment's encode workers
     embedding_buffer_mb: int = 64  # the NIXL-registered buffer for embeddings in flight (encode out, prefill in)
     encode_cache_mb: int = 512  # an encode worker's embeddings by content digest
+    credentials: object = None  # hpc.runtime.credentials.Credentials of the deployment's etcd and NATS
 
     def __post_init__(self):
         self.host = self.host or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
@@ -110,8 +111,8 @@ class Worker:
                                         self.engine_device())
             self.transfer = self.stage.transfer
             self.cache = EncodeCache(o.encode_cache_mb << 20)
-        self.bus = await Bus.connect(o.nats, o.worker_id)
-        self.etcd = await discovery.connect(o.etcd)
+        self.bus = await Bus.connect(o.nats, o.worker_id, credentials=o.credentials)
+        self.etcd = await discovery.connect(o.etcd, credentials=o.credentials, deployment=o.deployment)
         if o.remote_encode:
             self.encoders = RemoteEncoders(self)
             await self.encoders.start()

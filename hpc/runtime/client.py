@@ -52,8 +52,9 @@ class RoundRobin:
 
 class ServingClient:
     def __init__(self, deployment: str, etcd_url: str, nats_url: str, choose: Chooser | None = None,
-                 first_token_timeout: float = 600.0, idle_timeout: float = 60.0):
+                 first_token_timeout: float = 600.0, idle_timeout: float = 60.0, credentials=None):
         self.deployment = deployment
+        self.credentials = credentials
         self.etcd_url, self.nats_url = etcd_url, nats_url
         self.subjects = Subjects(deployment)
         self.choose = choose or RoundRobin()
@@ -62,8 +63,8 @@ class ServingClient:
         self.in_flight: dict[str, int] = {}  # worker id -> requests this client has on it now
 
     async def start(self) -> "ServingClient":
-        self.bus = await Bus.connect(self.nats_url, f"client-{uuid.uuid4().hex[:6]}")
-        self.etcd = await discovery.connect(self.etcd_url)
+        self.bus = await Bus.connect(self.nats_url, f"client-{uuid.uuid4().hex[:6]}", credentials=self.credentials)
+        self.etcd = await discovery.connect(self.etcd_url, credentials=self.credentials, deployment=self.deployment)
         self.directory = WorkerDirectory(self.etcd, Keys(self.deployment).workers)
         await self.directory.start()
         self._liveness = asyncio.create_task(self._watch_liveness())

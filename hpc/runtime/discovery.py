@@ -17,15 +17,19 @@ from hpc.runtime.protocol import WorkerInfo, decode_worker_info
 log = logging.getLogger(__name__)
 
 
-def etcd_client(url: str, timeout: float = 5.0) -> aetcd.Client:
+def etcd_client(url: str, timeout: float = 5.0, credentials=None) -> aetcd.Client:
     u = urlparse(url if "://" in url else f"http://{url}")
-    return aetcd.Client(host=u.hostname or "127.0.0.1", port=u.port or 2379, timeout=timeout)
+    user, password = (credentials.etcd_user, credentials.etcd_password) if credentials else (None, None)
+    return aetcd.Client(host=u.hostname or "127.0.0.1", port=u.port or 2379, timeout=timeout, username=user,
+                        password=password)
 
 
-async def connect(url: str, timeout: float = 5.0) -> aetcd.Client:
-    client = etcd_client(url, timeout)
+async def connect(url: str, timeout: float = 5.0, credentials=None, deployment: str | None = None) -> aetcd.Client:
+    """A client, checked with a read (of the deployment's own prefix: with credentials, that is all it may read)."""
+    client = etcd_client(url, timeout, credentials)
+    probe = f"/hpc/{deployment}/ping" if deployment else "/hpc/ping"
     try:
-        await asyncio.wait_for(client.get(b"/hpc/ping"), timeout)
+        await asyncio.wait_for(client.get(probe.encode()), timeout)
     except Exception as e:
         await client.close()
         raise HpcError(f"cannot reach etcd at {url}: {str(e) or type(e).__name__}") from None

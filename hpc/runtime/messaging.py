@@ -57,13 +57,14 @@ class Bus:
         self._counter = itertools.count()
 
     @classmethod
-    async def connect(cls, url: str, name: str, timeout: float = 5.0) -> "Bus":
+    async def connect(cls, url: str, name: str, timeout: float = 5.0, credentials=None) -> "Bus":
+        auth = {"user": credentials.nats_user, "password": credentials.nats_password} if credentials else {}
         try:
             nc = await asyncio.wait_for(nats.connect(
                 url, name=name, connect_timeout=timeout, allow_reconnect=True, reconnect_time_wait=0.5,
-                max_reconnect_attempts=-1, max_outstanding_pings=3, ping_interval=5, error_cb=_log_error),
+                max_reconnect_attempts=-1, max_outstanding_pings=3, ping_interval=5, error_cb=_log_error, **auth),
                 timeout + 1)
-        except (OSError, asyncio.TimeoutError, nats.errors.NoServersError) as e:
+        except (OSError, asyncio.TimeoutError, nats.errors.NoServersError, nats.errors.Error) as e:
             raise HpcError(f"cannot reach NATS at {url}: {str(e) or type(e).__name__}") from None
         bus = cls(nc)
         await bus._open_replies_inbox()

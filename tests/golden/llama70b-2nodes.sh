@@ -36,7 +36,7 @@ CONFIG="configs/llama-3.3-70b-disagg-2node.yaml"
 STATE_DIR=".hpc/llama70b-2node"
 LOG_DIR="$STATE_DIR/logs"
 mkdir -p "$LOG_DIR"
-rm -f "$STATE_DIR/endpoints.json" "$STATE_DIR/frontend_url" "$LOG_DIR"/*.log
+rm -f "$STATE_DIR/endpoints.json" "$STATE_DIR/credentials.json" "$STATE_DIR/frontend_url" "$LOG_DIR"/*.log
 export HPC_MODALITY="$MODALITY"
 
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
@@ -97,11 +97,12 @@ wait_for() {  # wait_for WHAT SECONDS COMMAND...
   exit 1
 }
 
-step head "${NODES[0]}" 1 --mpi=none -- "$PYTHON" -m hpc.head --state-dir "$STATE_DIR"
+step head "${NODES[0]}" 1 --mpi=none -- "$PYTHON" -m hpc.head --state-dir "$STATE_DIR" --deployment llama70b-2node
 wait_for "etcd and NATS" 60 test -s "$STATE_DIR/endpoints.json"
 HPC_ETCD=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["etcd"])' "$STATE_DIR/endpoints.json")
 HPC_NATS=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["nats"])' "$STATE_DIR/endpoints.json")
-export HPC_ETCD HPC_NATS
+HPC_CREDENTIALS="$STATE_DIR/credentials.json"  # the deployment's secrets (mode 600), written by the head step
+export HPC_ETCD HPC_NATS HPC_CREDENTIALS
 echo "etcd $HPC_ETCD   nats $HPC_NATS"
 
 step frontend "${NODES[0]}" 1 --mpi=none -- "$PYTHON" -m frontend --deployment llama70b-2node --host 0.0.0.0 \
