@@ -274,3 +274,36 @@ def test_dry_run_of_a_variant_starts_nothing(env):
     assert squeue(env) == [] and not (REPO / ".hpc" / "tiny-variants-kv_aware.json").exists()
     bad = hpc(["launch", "configs/tiny-variants.yaml", "--variant", "nope", "--dry-run"], env, check=False)
     assert bad.returncode == 1 and "no override_nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_preflight_refuses_node_local_paths_and_a_second_launch(env, work_dir, tiny_model, tmp_path):
+    import shutil
+
+    local_model = tmp_path / "model"  # /tmp: each node of a real cluster has its own
+    shutil.copytree(tiny_model, local_model)
+    cfg = work_dir / "local-model.yaml"
+    cfg.write_text((REPO / "configs" / "tiny-agg.yaml").read_text().replace("${HPC_MODEL_DIR:-.hpc/models/tiny-llama}",
+                                                                             str(local_model))
+                   .replace("engines/tiny/", f"{REPO}/configs/engines/tiny/"))
+    out = hpc(["launch", str(cfg), "--nodes", "2"], env, check=False)
+    assert out.returncode == 1 and "model.path" in out.stderr and "under /tmp" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and squeue(env) == []
+    hpc(["launch", "configs/tiny-agg.yaml", "--nodes", "2", "--port", "0", "--detach"], env)
+    try:
+        again = hpc(["launch", "configs/tiny-agg.yaml", "--nodes", "2"], env, check=False)
+        assert again.returncode == 1 and "already running" in again.stderr and "hpc stop tiny-agg" in again.stderr
+        assert len(squeue(env)) == 1  # nothing more was asked for
+    finally:
+        hpc(["stop", "tiny-agg"], env)
+    assert wait_gone("tiny-agg.yaml") == []
+
+
+def test_doctor_checks_every_node_and_names_each_problem_with_its_fix(env):
+    ok = hpc(["doctor", "--nodes", "3"], env)
+    assert "no problem found" in ok.stdout and all(f"n{i}" in ok.stdout for i in (1, 2, 3)), ok.stdout
+    assert "2 of 2 nodes reached this head node" in ok.stdout
+    bad = hpc(["doctor", "configs/llama-3.3-70b-disagg-1node.yaml", "--nodes", "1"], env, check=False)
+    assert bad.returncode == 1, bad.stdout
+    assert "no --container-image: install the pyxis plugin" in bad.stdout
+    assert "0 GPUs visible, the plan puts 8 per node" in bad.stdout
+    assert squeue(env) == []  # the allocations it asked for are released

@@ -28,6 +28,9 @@ def serve(config: Path = typer.Argument(..., help="Deployment YAML"),
     from hpc.serve import LocalDeployment
 
     dep = load_deployment(config)
+    from hpc import preflight
+
+    preflight.check(dep, config, {}, slurm=False)
     local = LocalDeployment(dep, Path(".hpc") / "serve" / dep.name, port=port, host=host,
                             gpus=tuple(g.strip() for g in gpus.split(",") if g.strip()))
     stop = threading.Event()

@@ -90,6 +90,9 @@ def launch(config: Path = typer.Argument(..., help="Deployment YAML"),
     env = dict(os.environ)
     if dry_run:
         return _dry_run(dep, config, env, nodes, gpus_per_node, port)
+    from hpc import preflight
+
+    preflight.check(dep, config, env)  # before anything is asked of Slurm
     alloc = current_allocation(env, gpus_per_node)
     if alloc is None:
         if not nodes:
@@ -214,6 +217,9 @@ def submit(config: Path = typer.Argument(..., help="Deployment YAML"),
     config = resolve_variant(config, variant)
     dep = load_deployment(config)
     _plan(dep, config, _future_allocation(dep, nodes, gpus_per_node))  # refuse now, not in the queue hours later
+    from hpc import preflight
+
+    preflight.check(dep, config, dict(os.environ))
     state_dir = STATE_ROOT / dep.name
     state_dir.mkdir(parents=True, exist_ok=True)
     script = state_dir / "sbatch_launch.sh"

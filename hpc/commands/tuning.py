@@ -204,3 +204,75 @@ def tune_pd(config: Path = typer.Argument(..., help="Deployment YAML"),
     console.print(f"recommendation for {rate:g} req/s: [bold]{r.prefill_workers} prefill[/bold] and "
                   f"[bold]{r.decode_workers} decode[/bold] workers (decode batch up to {r.decode_batch})")
     console.print(f"binding: {r.binding}")
+
+
+@app.command()
+def doctor(config: Optional[Path] = typer.Argument(None, help="A deployment YAML: its paths, model, container "
+                                                               "and GPUs per node are checked too"),
+           nodes: Optional[int] = typer.Option(None, help="Ask Slurm for this many nodes when not inside an "
+                                                          "allocation (released at the end)")) -> None:
+    """Check what breaks multi-node serving silently, on every node of the allocation: Slurm's pmix plugin, pyxis
+    for a container, GPUs per node, NIXL (a real transfer), the head node's ports from the other nodes, clocks,
+    shared paths. One line per problem, with the fix; exit code 1 when there is any."""
+    import json
+    import os
+    import time
+
+    from hpc import preflight
+    from hpc.launch import STATE_ROOT, current_allocation, request_allocation
+    from hpc.slurm import commands
+
+    env = dict(os.environ)
+    found: list[str] = preflight.srun_mpi(env)
+    dep = None
+    if config is not None:
+        from hpc.config import load_deployment
+        from hpc.plan import needed_gpus
+
+        dep = load_deployment(config)
+        found += preflight.shared_paths(dep, config, env) + preflight.model_files(dep)
+        if dep.container and not commands.srun_supports_containers(env):
+            found.append(f"{config}: container.image is set but this srun has no --container-image: install the "
+                         f"pyxis plugin, or remove `container`")
+    alloc = current_allocation(env, None)
+    created = None
+    if alloc is None:
+        if not nodes:
+            raise HpcError("not inside a Slurm allocation: run this inside `salloc -N N`, or pass --nodes N")
+        created = alloc = request_allocation("doctor", nodes, None, None, None, None, env)
+    try:
+        rendezvous = (STATE_ROOT / "doctor" / f"{alloc.job_id}.json").resolve()
+        rendezvous.parent.mkdir(parents=True, exist_ok=True)
+        rendezvous.unlink(missing_ok=True)
+        argv = ["srun", "--overlap", f"--jobid={alloc.job_id}", f"--nodes={len(alloc.nodes)}", "--ntasks-per-node=1",
+                "--job-name=hpc.doctor", sys.executable, "-m", "hpc.doctor", str(rendezvous)]
+        with console.status(f"checking {len(alloc.nodes)} nodes"):
+            here = time.time()
+            try:
+                out = commands.run(argv, env=env, timeout=120)
+            except HpcError as e:
+                raise HpcError(f"the doctor step failed: {e}") from None
+        reports = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("HPC_DOCTOR ")]
+        need = alloc.gpus_per_node if dep is not None and needed_gpus(dep) else 0
+        if dep is not None and needed_gpus(dep) and not need:
+            need = dep.cluster.gpus_per_node
+        found += preflight_node_problems(reports, here, need, list(alloc.nodes))
+        t = Table("node", "clock", "GPUs", "head node", "NIXL DRAM GB/s", title=f"job {alloc.job_id}")
+        for r in sorted(reports, key=lambda r: r["rank"]):
+            t.add_row(r["node"], f"{r['time'] - here:+.2f} s", str(r["gpus"]), r["ports"],
+                      str(r["nixl_gbps"]) if r["nixl_gbps"] is not None else f"failed: {r['nixl_error']}")
+        console.print(t)
+    finally:
+        if created is not None:
+            commands.scancel([created.job_id], env)
+    for line in found:
+        console.print(f"[red]✗[/red] {line}")
+    if found:
+        raise typer.Exit(1)
+    console.print("[green]✓[/green] no problem found")
+
+
+def preflight_node_problems(reports, here, need, nodes):
+    from hpc.doctor import problems
+
+    return problems(reports, here, need, nodes)
