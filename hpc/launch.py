@@ -306,7 +306,12 @@ def stop_steps(state: LaunchState, names: list[str], env: dict, timeout: float =
                 fresh.steps[n]["retiring"] = True
     running = commands.job_steps(state.job_id, env)
     ids = [running[f"hpc.{state.deployment}.{n}"] for n in names if f"hpc.{state.deployment}.{n}" in running]
-    commands.scancel(ids, env)
+    # SIGTERM, not a cancel: a cancelled step is killed after KillWait, mid-drain; signalled, the worker marks
+    # itself draining, finishes its requests, leaves etcd and exits, and the step ends with it.
+    try:
+        commands.scancel(ids, env, signal="TERM")
+    except HpcError:  # scancel --signal reports "Invalid job id" for steps it has in fact signalled (seen on 23.x)
+        pass
     deadline = time.monotonic() + timeout
     left = list(names)
     while time.monotonic() < deadline:
@@ -314,6 +319,9 @@ def stop_steps(state: LaunchState, names: list[str], env: dict, timeout: float =
         if not left:
             break
         time.sleep(0.2)
+    else:
+        commands.scancel([running[f"hpc.{state.deployment}.{n}"] for n in left
+                          if f"hpc.{state.deployment}.{n}" in running], env)  # past the deadline: cancel them
     with locked_state(state.deployment) as fresh:
         for n in names:
             if n not in left:

@@ -145,6 +145,12 @@ def main(argv=None) -> None:
     except (HpcError, EngineError) as e:  # bad config, unreachable service, bad model directory
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    # Drained and closed: leave without the interpreter's teardown, where NIXL's agents can crash the process
+    # (a segfault seen after a clean drain) and turn a clean exit into a failed step.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

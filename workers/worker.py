@@ -24,7 +24,8 @@ from hpc.runtime.messaging import Bus
 from hpc.runtime.metrics import WorkerMetrics
 from hpc.runtime.protocol import (PROTOCOL_VERSION, EncodeRequest, EncodeResult, ErrorReply, GenerateRequest, Keys,
                                   KvLayout, MultimodalPart, PrefillResult, StatsRequest, Subjects, TokenDelta,
-                                  WorkerInfo, WorkerStats, decode_request, encode, encode_json)
+                                  WorkerInfo, WorkerStats, decode_request, decode_worker_info, encode,
+                                  encode_json)
 from hpc.runtime.transfer import KvTransfer, TransferError, ensure_cuda_context
 from workers.engines import build_engine
 from workers.media import EmbeddingStage, EncodeCache, MediaFailure, RemoteEncoders, embeddings_of, image_inputs
@@ -143,11 +144,18 @@ class Worker:
         housekeeping.cancel()
 
     async def drain(self) -> None:
-        """Leave etcd first (no new requests are routed here), then finish in-flight work within the deadline."""
+        """Say so in etcd (routers send nothing more here), finish in-flight work within the deadline, then leave.
+        The subject stays served while draining: clients that probe it must not take it for dead."""
         log.info("draining %s", self.o.worker_id)
+        try:
+            for key, value in list(self.registration.items.items()):
+                info = decode_worker_info(value)
+                await self.registration.update(key, encode_json(msgspec.structs.replace(info, draining=True)))
+        except Exception as e:  # etcd unreachable: leaving is all that is left
+            log.warning("could not mark %s draining: %s", self.o.worker_id, e)
+        left = await self.bus.drain_handlers(self.o.drain_timeout)
         await self.registration.revoke()
         await self.bus.stop_serving()
-        left = await self.bus.drain_handlers(self.o.drain_timeout)
         if left:
             log.warning("%d requests still running after %g s; cancelled", left, self.o.drain_timeout)
         self.engine.shutdown()

@@ -118,8 +118,9 @@ class WorkerDirectory:
         return fut
 
     def by_role(self, role: str, model: str | None = None) -> list[WorkerInfo]:
-        return sorted((w for w in self.workers.values() if w.role == role and (model is None or w.model == model)),
-                      key=lambda w: w.worker_id)
+        """The workers a request of this role may go to (a draining worker is still here, but takes no more)."""
+        return sorted((w for w in self.workers.values() if w.role == role and not w.draining
+                       and (model is None or w.model == model)), key=lambda w: w.worker_id)
 
     def models(self) -> set[str]:
         return {w.model for w in self.workers.values()}

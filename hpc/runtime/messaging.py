@@ -99,9 +99,11 @@ class Bus:
         self._subs.clear()
 
     async def drain_handlers(self, timeout: float) -> int:
-        """Wait for running handlers up to `timeout`; returns how many were still running (then cancelled)."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout)
+        """Wait for running handlers, those that start meanwhile too, up to `timeout`; returns how many were still
+        running (then cancelled)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._tasks and (remaining := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.wait(list(self._tasks), timeout=remaining)
         left = list(self._tasks)
         for t in left:
             t.cancel()

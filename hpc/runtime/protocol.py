@@ -183,6 +183,7 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     layout: KvLayout | None = None
     max_batch_size: int = 0
     metrics_url: str | None = None
+    draining: bool = False  # set while it finishes its requests before leaving: routed to no more
     version: int = PROTOCOL_VERSION
 
 
