@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -83,6 +84,7 @@ class LocalDeployment:
         if not Path(self.model_path(), "config.json").exists():
             raise HpcError(f"model.path {dep.model.path}: no config.json there (expected a Hugging Face model "
                            f"directory)")
+        shutil.rmtree(self.state_dir / "etcd", ignore_errors=True)  # users and keys of an earlier run go too
         self.credentials = Credentials.generate(dep.name)
         secrets = self.state_dir / "credentials.json"
         self.credentials.save(secrets)

@@ -119,7 +119,7 @@ def test_random_weights_reach_the_workers(tmp_path):
     dep = tmp_path / "d.yaml"
     dep.write_text("name: d\nmodel: {path: /models/m, random_weights: true}\ncluster: {gpus_per_node: 0}\n"
                    "workers:\n  aggregated: {engine: torch, engine_config: e.yaml}\n")
-    args = ["--config", str(dep), "--role", "aggregated", "--etcd", "http://e:1", "--nats", "nats://n:1"]
+    args = ["--config", str(dep), "--role", "aggregated", "--etcd", "http://e:1", "--nats", "nats://n:1", "--insecure"]
     assert parse(args).random_weights
     dep.write_text(dep.read_text().replace(", random_weights: true", ""))
     assert not parse(args).random_weights

@@ -182,8 +182,8 @@ workers:
         answers, errors = [], []
 
         def ask():
-            try:  # ~60 prompt tokens at 200 tokens/s: about 0.3 s of prefill
-                answers.append(c.completions.create(model="mock-llama", prompt="one two three " * 20,
+            try:  # ~120 prompt tokens at 200 tokens/s: over half a second of prefill
+                answers.append(c.completions.create(model="mock-llama", prompt="one two three " * 40,
                                                     max_tokens=4).choices[0].finish_reason)
             except openai.APIError as e:
                 errors.append(e)
@@ -193,7 +193,7 @@ workers:
         threads = [threading.Thread(target=ask) for _ in range(2)]  # round-robin: one on each prefill worker
         for t in threads:
             t.start()
-        time.sleep(0.1)
+        time.sleep(0.3)  # both requests are in their prefill by now
         assert kill("--role prefill --worker-id prefill-0")
         for t in threads:
             t.join(60)

@@ -112,7 +112,8 @@ def enable_etcd_auth(url: str, creds: Credentials, deployment: str) -> None:
     try:
         _post(url, "/v3/auth/user/add", {"name": "root", "password": creds.etcd_root_password})
     except HpcError as e:
-        if "user name already exists" in str(e) or "permission denied" in str(e) or "user name not found" in str(e):
+        if any(m in str(e) for m in ("user name already exists", "permission denied", "user name not found",
+                                       "user name is empty")):
             return  # set up before: etcd restarted on its data directory keeps its users and auth
         raise
     _post(url, "/v3/auth/user/grant", {"user": "root", "role": "root"})

@@ -36,6 +36,19 @@ async def connect(url: str, timeout: float = 5.0, credentials=None, deployment: 
     return client
 
 
+def auth_expired(error: Exception) -> bool:
+    """etcd forgot this client's token (it restarted, or the token's TTL ran out)."""
+    return "auth token" in str(error) or isinstance(error, aetcd.exceptions.UnauthenticatedError)
+
+
+async def reauthenticate(client: aetcd.Client) -> None:
+    """Drop the connection: the client's next call connects and authenticates again."""
+    try:
+        await asyncio.wait_for(client.close(), 5)
+    except Exception:
+        pass
+
+
 class Registration:
     """Keys attached to one lease, refreshed every ttl/3. If the lease is lost (etcd restarted, a long pause),
     a new one is granted and the keys are written again."""
@@ -66,6 +79,8 @@ class Registration:
                 raise
             except Exception as e:  # etcd unreachable for now: keep trying; the lease may still hold
                 log.warning("etcd keepalive failed: %s", e)
+                if auth_expired(e):
+                    await reauthenticate(self.client)
 
     async def update(self, key: str, value: bytes) -> None:
         self.items[key] = value
@@ -194,6 +209,8 @@ class WorkerDirectory:
                 if self._stopped:  # aetcd reports our own cancellation as an error: do not reconnect
                     return
                 log.warning("etcd watch on %s failed (%s); re-syncing", self.prefix, str(e) or type(e).__name__)
+                if auth_expired(e):
+                    await reauthenticate(self.client)
                 revision = None
                 await asyncio.sleep(0.5)
 
