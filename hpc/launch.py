@@ -79,8 +79,10 @@ def locked_state(deployment: str) -> Iterator[LaunchState]:
     with open(STATE_ROOT / f"{deployment}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         state = LaunchState.load(deployment)
+        before = json.dumps(asdict(state))
         yield state
-        state.save()
+        if json.dumps(asdict(state)) != before:  # unchanged: untouched, so "the latest deployment" stays right
+            state.save()
 
 
 def spawn_step(name: str, argv: list[str], env: dict, log: Path, header: str | None = None) -> subprocess.Popen:

@@ -198,7 +198,8 @@ workers:
         for t in threads:
             t.join(60)
         assert errors == [] and answers == ["length", "length"]
-        assert "prefill-0 left before the first token; sent to prefill-1" in hpc(["logs", "frontend"], env).stdout
+        assert "prefill-0 left before the first token; sent to prefill-1" in hpc(
+            ["logs", "frontend", "--deployment", "ops-mocker"], env).stdout
 
         def back(s):
             c = component(s, "prefill-0")
