@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from frontend.api import ApiError, Common
 from frontend.generation import GenerationApp
 from frontend.media import MediaPolicy
+from frontend.tracing import SpanExporter
 from frontend.preprocess import ModelFiles, StopStrings
 from frontend.router import LoadBoard, make_router
 from hpc.runtime.client import ServingClient
@@ -118,6 +119,7 @@ class Frontend:
         self.media_policy = media_policy or MediaPolicy()
         self._preparing: set[str] = set()
         self.traces = Traces(trace_file)
+        self.spans = SpanExporter.from_env(deployment)  # OTLP, when an endpoint is configured
         self.api_keys: tuple[bytes, ...] = ()
         self.metrics_need_key = False
 
@@ -149,6 +151,8 @@ class Frontend:
 
     async def close(self) -> None:
         await self.client.close()
+        if self.spans:
+            await asyncio.to_thread(self.spans.close)  # flushes what is batched
 
     async def _on_load(self, msg) -> None:
         stats = decode_reply(msg.data)
@@ -241,15 +245,19 @@ class Frontend:
         finally:
             await stream.aclose()  # stops the work on the workers if we leave early (stop string, disconnect)
             if times:
-                self._record(req.model, started, preprocessed, times, len(prompt), cached, len(images), trace)
+                self._record(req.model, started, preprocessed, times, len(prompt), cached, len(images), trace,
+                             time.perf_counter())
 
     def _record(self, model: str, started: float, preprocessed: float, times: list[float], prompt_tokens: int,
-                cached: int, images: int, trace: dict) -> None:
+                cached: int, images: int, trace: dict, finished: float) -> None:
         """The request's stages: TTFT and its parts, and the time to the second token with the decode side's."""
         record = {"time": time.time(), "model": model, "prompt_tokens": prompt_tokens, "cached_tokens": cached,
                   "images": images, "preprocess": preprocessed - started, "ttft": times[0] - started,
-                  "second_token": times[1] - times[0] if len(times) > 1 else None, **trace}
+                  "second_token": times[1] - times[0] if len(times) > 1 else None, "e2e": finished - started,
+                  **trace}
         self.traces.add(record)
+        if self.spans:
+            self.spans.export(record)
         stages = {"preprocess": record["preprocess"], "ttft": record["ttft"],
                   "prefill_rtt": trace.get("prefill_rtt")}
         for side in ("prefill", "decode"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -183,9 +184,17 @@ def test_tune_pd_recommends_workers_and_names_the_binding_limit(tmp_path, tiny_m
                    f"workers:\n  prefill: {{engine: mocker, engine_config: {y.name}}}\n"
                    f"  decode: {{engine: mocker, engine_config: {y.name}}}\n")
     out = hpc(["tune", "pd", str(cfg), "--rate", "40", "--isl", "2000", "--osl", "200", "--ttft-ms", "500",
-               "--itl-ms", "20"], env).stdout
+               "--itl-ms", "20", "--sweep", str(tmp_path / "check.yaml")], env).stdout
     # 40 x 2000 / ~48k tokens/s = 1.7 workers of work -> 3 prefill; 40 x 200 / 1400 -> 6 decode
     assert "3 prefill" in out and "6 decode" in out and "binding" in out, out
+    # The sweep that checks it: the recommendation and one prefill worker fewer, at the load's concurrency
+    # (40 req/s x (0.5 s + 200 x 20 ms) = 180 in flight), the limits as goodput SLOs; every variant validates.
+    from hpc.sweep import load_sweep, variants
+
+    sweep = load_sweep(tmp_path / "check.yaml")
+    assert sweep.axes == {"workers.prefill.replicas": [2, 3], "workers.decode.replicas": [6]}
+    assert sweep.bench.concurrency == "180" and sweep.slo.ttft_ms == 500 and sweep.slo.itl_ms == 20
+    assert len(variants(sweep, tmp_path / "check.yaml", tmp_path / "out")) == 2
 
 
 def test_dashboard_reads_only_metrics_hpc_exports():
@@ -200,3 +209,46 @@ def test_dashboard_reads_only_metrics_hpc_exports():
             for name in re.findall(r"hpc_[a-z_]+", t["expr"]):
                 base = re.sub(r"_(bucket|total|count|sum)$", "", name)
                 assert base in exported, f"{p['title']}: {name} is not a metric hpc exports"
+
+
+def test_stages_go_out_as_otlp_spans_when_an_endpoint_is_set(tmp_path, tiny_model, monkeypatch):
+    import http.server
+    import threading
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: list[bytes] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    y = mocker_yaml(tmp_path / "m.yaml")
+    local = deploy(tmp_path, "dx-otlp", tiny_model, y, y)
+    try:
+        traffic(local.url, 2, 200, 3, 1)
+        deadline = time.monotonic() + 15
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        local.stop()
+        server.shutdown()
+    spans = []
+    for body in received:
+        req = ExportTraceServiceRequest.FromString(body)
+        spans += [s for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    names = {s.name for s in spans}
+    assert {"request", "preprocess", "prefill", "queue", "compute", "kv_transfer", "decode first step"} <= names, names
+    root = next(s for s in spans if s.name == "request")
+    children = [s for s in spans if s.trace_id == root.trace_id and s is not root]
+    assert all(c.parent_span_id == root.span_id for c in children) and len(children) >= 6
+    assert all(root.start_time_unix_nano <= c.start_time_unix_nano for c in children)

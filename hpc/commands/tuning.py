@@ -178,7 +178,11 @@ def tune_pd(config: Path = typer.Argument(..., help="Deployment YAML"),
             decode_step_ms: Optional[float] = typer.Option(None, help="A decode step at batch 1 (default: the "
                                                                       "mocker's timing)"),
             decode_ms_per_sequence: Optional[float] = typer.Option(None, help="What each running sequence adds "
-                                                                              "to a step")) -> None:
+                                                                              "to a step"),
+            sweep: Optional[Path] = typer.Option(None, help="Write a sweep that checks the recommendation: it and "
+                                                            "one prefill worker fewer, at the load's concurrency, "
+                                                            "with the limits as goodput SLOs (`hpc sweep FILE`)"))\
+        -> None:
     """Prefill and decode workers for a target load, from the prefill engine measured at ISL and the decode step
     time; says which limit binds."""
     from hpc.config import load_deployment
@@ -204,6 +208,24 @@ def tune_pd(config: Path = typer.Argument(..., help="Deployment YAML"),
     console.print(f"recommendation for {rate:g} req/s: [bold]{r.prefill_workers} prefill[/bold] and "
                   f"[bold]{r.decode_workers} decode[/bold] workers (decode batch up to {r.decode_batch})")
     console.print(f"binding: {r.binding}")
+    if sweep:
+        import math
+
+        import yaml
+
+        # Little's law: requests in flight = rate x time in the system (TTFT + OSL steps at the ITL limit).
+        concurrency = max(1, math.ceil(rate * (ttft_ms + osl * itl_ms) / 1000))
+        prefill = sorted({max(1, r.prefill_workers - 1), r.prefill_workers})
+        text = yaml.safe_dump({
+            "name": f"{dep.name}-pd-check", "base": str(config.resolve()),
+            "nodes": dep.cluster.nodes or 1,
+            "axes": {"workers.prefill.replicas": prefill, "workers.decode.replicas": [r.decode_workers]},
+            "bench": {"isl": isl, "osl": osl, "concurrency": str(concurrency), "requests": max(32, 4 * concurrency)},
+            "slo": {"ttft_ms": ttft_ms, "itl_ms": itl_ms}}, sort_keys=False)
+        sweep.write_text(f"# Written by `hpc tune pd`: checks {r.prefill_workers} prefill + {r.decode_workers} "
+                         f"decode workers for {rate:g} req/s\n" + text)
+        console.print(f"sweep: {sweep} (run `hpc sweep {sweep}`, then `hpc report`: the recommendation's goodput "
+                      f"should equal its request rate)")
 
 
 @app.command()
