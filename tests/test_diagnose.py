@@ -56,6 +56,17 @@ def diagnosis(url: str, env: dict) -> tuple[int, dict]:
     return out.returncode, json.loads(out.stdout)
 
 
+def run_and_diagnose(tmp: Path, name: str, model: Path, env: dict, prefill: Path, decode: Path, load,
+                     **deploy_options) -> tuple[int, dict]:
+    """A deployment under `load(url)`, then what `hpc diagnose --json` says of it."""
+    local = deploy(tmp, name, model, prefill, decode, **deploy_options)
+    try:
+        load(local.url)
+        return diagnosis(local.url, env)
+    finally:
+        local.stop()
+
+
 @pytest.fixture(scope="module")
 def env(tiny_model):
     import os
@@ -65,12 +76,8 @@ def env(tiny_model):
 
 def test_healthy_deployment_has_nothing_to_fix(tmp_path, tiny_model, env):
     y = mocker_yaml(tmp_path / "m.yaml")
-    local = deploy(tmp_path, "dx-healthy", tiny_model, y, y, replicas=2)
-    try:
-        traffic(local.url, 16, 500, 4, 1)
-        code, d = diagnosis(local.url, env)
-    finally:
-        local.stop()
+    code, d = run_and_diagnose(tmp_path, "dx-healthy", tiny_model, env, y, y, lambda url: traffic(url, 16, 500, 4, 1),
+                               replicas=2)
     assert code == 0 and d["findings"][0]["kind"] == "healthy", d["findings"]
     assert d["summary"]["requests"] == 16
     # 500 tokens at 100k tokens/s + 2 ms: about 7 ms of compute per request
@@ -100,12 +107,10 @@ def test_one_slow_prefill_worker_is_named_with_its_speed(tmp_path, tiny_model, e
 
 def test_the_worker_the_router_overloads_is_named_with_its_queue(tmp_path, tiny_model, env):
     y = mocker_yaml(tmp_path / "m.yaml", prefill_tokens_per_s=50000)
-    local = deploy(tmp_path, "dx-hot", tiny_model, y, y, replicas=2, router="kv-aware")
-    try:  # one shared 960-token prefix: kv-aware keeps every request on the worker that served it first
-        traffic(local.url, 32, 1024, 2, 2, shared_prefix=960)
-        code, d = diagnosis(local.url, env)
-    finally:
-        local.stop()
+    # one shared 960-token prefix: kv-aware keeps every request on the worker that served it first
+    code, d = run_and_diagnose(tmp_path, "dx-hot", tiny_model, env, y, y,
+                               lambda url: traffic(url, 32, 1024, 2, 2, shared_prefix=960), replicas=2,
+                               router="kv-aware")
     assert code == 1
     f = next(f for f in d["findings"] if f["kind"] == "queue wait")
     assert f["worker"] is not None and f["evidence"]["share"] > 0.75, d["findings"]
@@ -116,12 +121,7 @@ def test_the_worker_the_router_overloads_is_named_with_its_queue(tmp_path, tiny_
 def test_a_slow_kv_transfer_is_named(tmp_path, tiny_model, env):
     # 256 KiB of KV per token: 512 tokens move 128 MiB per request through NIXL (DRAM, TCP on this machine)
     y = mocker_yaml(tmp_path / "m.yaml", kv_bytes_per_token=262144, num_kv_blocks=96)
-    local = deploy(tmp_path, "dx-kv", tiny_model, y, y)
-    try:
-        traffic(local.url, 6, 512, 3, 1)
-        code, d = diagnosis(local.url, env)
-    finally:
-        local.stop()
+    code, d = run_and_diagnose(tmp_path, "dx-kv", tiny_model, env, y, y, lambda url: traffic(url, 6, 512, 3, 1))
     assert code == 1
     f = next(f for f in d["findings"] if f["kind"] == "KV transfer")
     assert f["evidence"]["share"] >= 0.3, f
@@ -133,12 +133,9 @@ def test_a_slow_kv_transfer_is_named(tmp_path, tiny_model, env):
 def test_a_full_decode_pool_is_named(tmp_path, tiny_model, env):
     prefill = mocker_yaml(tmp_path / "p.yaml")
     decode = mocker_yaml(tmp_path / "d.yaml", decode_step_ms=15, max_batch_size=2)
-    local = deploy(tmp_path, "dx-decode", tiny_model, prefill, decode)
-    try:  # 8 long streams at once into a decode worker that steps 2 at a time
-        traffic(local.url, 16, 64, 12, 8)
-        code, d = diagnosis(local.url, env)
-    finally:
-        local.stop()
+    # 8 long streams at once into a decode worker that steps 2 at a time
+    code, d = run_and_diagnose(tmp_path, "dx-decode", tiny_model, env, prefill, decode,
+                               lambda url: traffic(url, 16, 64, 12, 8))
     assert code == 1
     f = next(f for f in d["findings"] if f["kind"] == "decode")
     # a new request waits for running ones to finish: several 15 ms steps

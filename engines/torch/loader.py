@@ -35,8 +35,13 @@ def read_config(model_dir: Path) -> LlamaConfig:
         text.setdefault("eos_token_id", data.get("eos_token_id"))
         text.setdefault("torch_dtype", data.get("torch_dtype") or data.get("dtype"))
         data = text
+    return _parse(LlamaConfig.from_hf, data, path)
+
+
+def _parse(parse, data: dict, path: Path):
+    """A config class from config.json's dict; a missing field or a bad value names the file."""
     try:
-        return LlamaConfig.from_hf(data)
+        return parse(data)
     except KeyError as e:
         raise EngineError(f"{path}: field {e.args[0]} is missing") from None
     except ValueError as e:
@@ -89,12 +94,7 @@ def read_llava(model_dir: str | Path) -> LlavaConfig | None:
     data = _config_json(Path(model_dir))
     if not is_llava(data):
         return None
-    try:
-        return LlavaConfig.from_hf(data)
-    except KeyError as e:
-        raise EngineError(f"{Path(model_dir) / 'config.json'}: field {e.args[0]} is missing") from None
-    except ValueError as e:
-        raise EngineError(str(e)) from None
+    return _parse(LlavaConfig.from_hf, data, Path(model_dir) / "config.json")
 
 
 def _read_weights(files: list[Path], prefixes: dict[str, str] | None, device: torch.device) -> dict:

@@ -103,7 +103,7 @@ def _srun_prefix(dep, role: str) -> list[str] | None:
 def tune_prefill(config: Path = typer.Argument(..., help="Deployment YAML"),
                  tokens: str = typer.Option("256,512,1024,2048,4096,8192,16384",
                                             help="Tokens per forward to measure"),
-                 repeats: int = typer.Option(3, help="Distinct prompts per size (the median counts)"),
+                 repeats: int = typer.Option(3, help="Distinct prompts per size (the best counts)"),
                  isl: Optional[int] = typer.Option(None, help="Typical prompt length: also sets max_batch_size to "
                                                               "the prompts the knee holds"),
                  write: bool = typer.Option(False, "--write", help="Write max_num_tokens (and max_batch_size) into "
