@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -38,6 +39,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     state = Path(a.state_dir)
     data = Path(os.environ.get("TMPDIR", "/tmp")) / f"hpc-head-{os.getpid()}"  # node-local, like real clusters
+    shutil.rmtree(data, ignore_errors=True)  # an earlier head with this PID may have left its etcd (and users)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

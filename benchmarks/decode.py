@@ -1,0 +1,118 @@
+"""Decode step time of the reference engine on one GPU, eager against CUDA graphs, beside the memory-bandwidth
+limit.
+
+    python benchmarks/decode.py [--context 2000] [--steps 100] [--batches 1,16]
+
+Llama-3-8B shape, random bf16 weights. For each batch size: that many distinct prompts of `--context` tokens are
+prefilled (not timed), then `--steps` decode steps run with every sequence decoding; the time per step is the
+inter-token latency a stream sees. The floor is reading the weights once per step: parameter bytes / the GPU's
+memory bandwidth (HBM3e, 4.8 TB/s on an H200). A step faster than that floor is refused as a measurement error.
+
+Equality: a 4-layer model of the same width in float32 decodes 32 greedy tokens with and without graphs; the
+tokens must be the same (in bf16, random weights give near-equal logits that any change of kernel can flip).
+Writes benchmarks/results/decode.json (or $OUT/decode.json)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from benchmarks.common import model_dir, table, write_result  # noqa: E402
+from engines.base import EngineRequest, SamplingParams  # noqa: E402
+from engines.torch.engine import TorchEngine, TorchEngineOptions  # noqa: E402
+
+HBM_TB_S = {"H200": 4.8, "H100": 3.35}
+
+
+def bandwidth_tb_s() -> float:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in HBM_TB_S.items() if k in name), 3.35)
+
+
+async def decode_times(engine: TorchEngine, batch: int, context: int, steps: int, seed: int) -> tuple[list, list]:
+    """Per-step times (from the streams' token arrivals) and each stream's tokens."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(10, engine.vocab_size, (context,), generator=g).tolist() for _ in range(batch)]
+    outs = [engine.generate(EngineRequest(f"d{seed}-{i}", p, SamplingParams(max_tokens=steps + 1, ignore_eos=True)))
+            for i, p in enumerate(prompts)]
+    arrivals: list[list[float]] = [[] for _ in range(batch)]
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+
+    async def read(i):
+        async for o in outs[i]:
+            arrivals[i].append(time.perf_counter())
+            tokens[i].extend(o.token_ids)
+
+    await asyncio.gather(*(read(i) for i in range(batch)))
+    gaps = [b - a for arr in arrivals for a, b in zip(arr[1:], arr[2:])]  # after the first decode step
+    return gaps, tokens
+
+
+async def run(args) -> tuple[list[dict], dict]:
+    rows = []
+    d = model_dir(32)
+    params = 8.03e9
+    floor_ms = params * 2 / (bandwidth_tb_s() * 1e12) * 1000
+    for graphs in (False, True):
+        engine = TorchEngine(d, TorchEngineOptions(device="cuda", dtype="bfloat16", random_weights=True,
+                                                   num_blocks=4096, max_num_tokens=8192, cuda_graphs=graphs))
+        engine.start(asyncio.get_running_loop())
+        try:
+            for b in (int(x) for x in args.batches.split(",")):
+                await decode_times(engine, b, args.context, 5, seed=99)  # warm-up (captures the graphs)
+                gaps, _ = await decode_times(engine, b, args.context, args.steps, seed=b)
+                p50 = statistics.median(gaps) * 1000
+                row = {"cuda_graphs": graphs, "batch": b, "context": args.context, "itl_p50_ms": round(p50, 2),
+                       "itl_p90_ms": round(sorted(gaps)[int(0.9 * len(gaps))] * 1000, 2),
+                       "output_tok_s": round(b / (p50 / 1000), 1), "floor_ms": round(floor_ms, 2),
+                       "x_floor": round(p50 / floor_ms, 2), "reused": engine.stats().reused_prompt_tokens}
+                if p50 < floor_ms:
+                    row["invalid"] = "faster than reading the weights once: a measurement error"
+                rows.append(row)
+                print(row, flush=True)
+        finally:
+            engine.shutdown()
+            del engine
+            torch.cuda.empty_cache()
+    small = model_dir(4)
+    answers = {}
+    for graphs in (False, True):
+        engine = TorchEngine(small, TorchEngineOptions(device="cuda", dtype="float32", random_weights=True,
+                                                       num_blocks=512, cuda_graphs=graphs))
+        engine.start(asyncio.get_running_loop())
+        try:
+            _, tokens = await decode_times(engine, 4, 300, 32, seed=7)
+            answers[graphs] = tokens
+        finally:
+            engine.shutdown()
+    same = answers[False] == answers[True]
+    print(f"float32, 4 layers, 4 streams x 32 greedy tokens: graphs {'equal' if same else 'DIFFER from'} eager",
+          flush=True)
+    return rows, {"greedy_equal_float32": same, "floor_ms": round(floor_ms, 2), "params": params}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--context", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batches", default="1,16")
+    args = p.parse_args()
+    rows, meta = asyncio.run(run(args))
+    path = write_result("decode", rows, meta)
+    print(table(rows, ["cuda_graphs", "batch", "context", "itl_p50_ms", "itl_p90_ms", "output_tok_s", "floor_ms",
+                       "x_floor", "reused"]))
+    print(f"Written to {path}")
+    if not meta["greedy_equal_float32"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
