@@ -42,6 +42,8 @@ class TorchEngineOptions:
     random_weights: bool = False  # ignore safetensors; random weights from config.json (benchmarks)
     seed: int = 0
     enable_block_reuse: bool = True  # prefix caching (engines/prefix_cache.py)
+    cuda_graphs: bool = False  # decode steps as CUDA graphs (engines/torch/graphs.py); on GPUs only
+    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass
@@ -111,7 +113,14 @@ class TorchEngine:
             model_dir, self.device, o.dtype, random_weights=o.random_weights, seed=o.seed) if model_dir else None
         self.image_processing = (ImageProcessing.from_dir(Path(model_dir), self.vision.config) if self.vision
                                  else None)
-        self._alloc = (CachingBlockAllocator if o.enable_block_reuse else BlockAllocator)(self.num_blocks)
+        self.graphs = None
+        usable = self.num_blocks
+        if o.cuda_graphs and self.device.type == "cuda" and (tp is None or tp.size == 1):
+            from engines.torch.graphs import DecodeGraphs
+
+            usable = self.num_blocks - 1  # the last block is the graphs' scratch: padding rows write there
+            self.graphs = DecodeGraphs(model, self.pool, o.block_size, usable, o.graph_batch_sizes)
+        self._alloc = (CachingBlockAllocator if o.enable_block_reuse else BlockAllocator)(usable)
         self._lock = threading.Lock()  # guards the allocator and `held`: decode workers allocate from the loop
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[_Seq] = deque()
@@ -372,9 +381,15 @@ class TorchEngine:
             start += n
         images = (torch.cat(image_rows), torch.cat(image_vecs)) if image_rows else None
         step = (ids, positions, seqs, logit_rows, images)
-        if self.tp is not None:
-            self.tp.broadcast(step)  # the other ranks run the same pass on their shards
-        logits = self._forward(step)
+        bs = self.options.block_size
+        if (self.graphs is not None and images is None and all(n == 1 and ctx > 0 for _, n, ctx, _ in seqs)
+                and self.graphs.fits(len(seqs), max(blocks_for(ctx + 1, bs) for _, _, ctx, _ in seqs))):
+            # every sequence decodes one token: replay a captured graph
+            logits = self.graphs.run(ids, positions, [blocks[:blocks_for(ctx + 1, bs)] for _, _, ctx, blocks in seqs])
+        else:
+            if self.tp is not None:
+                self.tp.broadcast(step)  # the other ranks run the same pass on their shards
+            logits = self._forward(step)
         for seq, n in batch:
             seq.num_computed += n
             if seq.mode != "decode" and seq.num_computed <= seq.num_prompt:
