@@ -67,7 +67,7 @@ async def run(args) -> tuple[list[dict], dict]:
         engine.start(asyncio.get_running_loop())
         try:
             for b in (int(x) for x in args.batches.split(",")):
-                await decode_times(engine, b, args.context, 5, seed=99)  # warm-up (captures the graphs)
+                await decode_times(engine, b, args.context, 5, seed=1000 + b)  # warm-up (captures the graphs)
                 gaps, _ = await decode_times(engine, b, args.context, args.steps, seed=b)
                 p50 = statistics.median(gaps) * 1000
                 row = {"cuda_graphs": graphs, "batch": b, "context": args.context, "itl_p50_ms": round(p50, 2),
