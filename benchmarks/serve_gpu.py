@@ -85,12 +85,13 @@ def main() -> None:
     p.add_argument("--slo-ttft-ms", type=float)
     p.add_argument("--slo-itl-ms", type=float)
     p.add_argument("--name", default="serve_gpu", help="result file name (without .json)")
+    p.add_argument("--cuda-graphs", action="store_true", help="decode steps as CUDA graphs (cuda_graph_config)")
     a = p.parse_args()
     gpus = tuple(g for g in a.gpus.split(",") if g)
     slo = bench.Slo(a.slo_ttft_ms, a.slo_itl_ms)
     d = Path(tempfile.mkdtemp(prefix="hpc-serve-gpu-"))
     model = model_dir(d)
-    (d / "gpu.yaml").write_text(ENGINE)
+    (d / "gpu.yaml").write_text(ENGINE + ("cuda_graph_config: {}\n" if a.cuda_graphs else ""))
     rows = []
     for mode in a.modes.split(","):
         local = LocalDeployment(load_deployment(deployment(d, model, mode, max(1, len(gpus)))), d / mode, gpus=gpus)
