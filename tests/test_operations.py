@@ -221,5 +221,6 @@ workers:
                                     max_tokens=2).choices[0].finish_reason == "length"
     finally:
         hpc(["stop", "ops-mocker"], env)
-    assert squeue(env) == []
+    # its allocation is gone (the module's tiny-disagg deployment may still run beside it)
+    assert not [job for job in squeue(env) if "hpc.ops" in job]
     assert wait_gone("ops-mocker.yaml") == []
