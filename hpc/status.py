@@ -44,8 +44,23 @@ def snapshot(state: LaunchState, env: dict, listen_s: float = 1.0) -> dict:
             row["load"] = loads.get(name)
         components.append(row)
     return {"deployment": state.deployment, "job": state.job_id, "job_state": job, "run_dir": state.run_dir,
+            "supervisor": _supervisor(state),
             "frontend_url": state.frontend_url, "components": components,
             "frontend": _frontend(state.frontend_url) if live else None, "time": time.time()}
+
+
+def _supervisor(state: LaunchState) -> str:
+    """Whether something restarts this deployment's steps: running, gone, or on another host (unknown here)."""
+    import socket
+
+    from hpc.procs import Pid
+
+    sup = state.supervisor
+    if not sup:
+        return "none"
+    if sup.get("host") != socket.gethostname():
+        return f"on {sup.get('host')}"
+    return "running" if Pid(sup["pid"], sup["start"]).alive() else "gone"
 
 
 def _get_json(url: str, timeout: float = 3) -> tuple[int, dict | None]:
@@ -124,6 +139,9 @@ def render(snap: dict) -> Group:
                       str(c["restarts"]) if c["restarts"] else "", reg, _num(load.get("waiting")),
                       _num(load.get("running")), kv, _num(load.get("prefill_tok_s")), _num(load.get("decode_tok_s")))
     parts = [head, table]
+    if snap.get("supervisor") in ("gone", "none") and snap.get("job_state"):
+        parts.append(Text(f"supervisor: {snap['supervisor']}: nothing restarts steps that die (start one with "
+                          f"`python -m hpc.supervise {snap['deployment']}`)", style="red"))
     fe = snap.get("frontend")
     if fe:
         m = fe.get("last_minute") or {}

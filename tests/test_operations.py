@@ -145,6 +145,7 @@ def test_status_view_renders_components_load_and_the_last_minute(env, disagg):
                      "TTFT p50/p99"):
         assert expected in text, text
     snap = status_json(env, "tiny-disagg")
+    assert snap["supervisor"] == "running"
     assert snap["frontend"]["last_minute"]["requests"] >= 3
     load = component(snap, "decode-0")["load"]
     assert load["kv_blocks_total"] > 0 and load["waiting"] == 0
