@@ -396,6 +396,11 @@ class TorchEngine:
                 self._prompt_tokens += n
             if seq.mode != "decode" and self.options.enable_block_reuse:
                 self._register_full_blocks(seq)
+        if to_sample and all(seq.req.sampling.temperature <= 0 for seq in to_sample):
+            # Greedy only: the argmax on the device, one small copy back (not the batch's full logits)
+            for token, seq in zip(logits.argmax(dim=-1).tolist(), to_sample):
+                self._emit(seq, token)
+            return
         logits = logits.cpu()
         for row, seq in zip(logits, to_sample):
             self._emit(seq, sample(row, seq.req.sampling, seq.generated))
