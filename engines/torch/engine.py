@@ -385,7 +385,13 @@ class TorchEngine:
         if (self.graphs is not None and images is None and all(n == 1 and ctx > 0 for _, n, ctx, _ in seqs)
                 and self.graphs.fits(len(seqs), max(blocks_for(ctx + 1, bs) for _, _, ctx, _ in seqs))):
             # every sequence decodes one token: replay a captured graph
-            logits = self.graphs.run(ids, positions, [blocks[:blocks_for(ctx + 1, bs)] for _, _, ctx, blocks in seqs])
+            try:
+                logits = self.graphs.run(ids, positions,
+                                         [blocks[:blocks_for(ctx + 1, bs)] for _, _, ctx, blocks in seqs])
+            except Exception:  # a capture that failed (e.g. beside GPU work of another thread): eager from now on
+                log.exception("CUDA graph capture or replay failed; decode steps run eagerly from now on")
+                self.graphs = None
+                logits = self._forward(step)
         else:
             if self.tp is not None:
                 self.tp.broadcast(step)  # the other ranks run the same pass on their shards
