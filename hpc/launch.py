@@ -85,7 +85,7 @@ def locked_state(deployment: str) -> Iterator[LaunchState]:
             state.save()
 
 
-def spawn_step(name: str, argv: list[str], env: dict, log: Path, header: str | None = None) -> subprocess.Popen:
+def spawn_step(argv: list[str], env: dict, log: Path, header: str | None = None) -> subprocess.Popen:
     """Start one srun step with its output in `log`: a fresh log, or appended after `header` (a restart)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab" if header else "wb") as out:
@@ -173,7 +173,7 @@ class Launcher:
         if self.dep.container:
             env.update(self.dep.container.env)
         env = {k: v for k, v in env.items() if os.environ.get(k) != v}
-        popen = spawn_step(step.name, argv, env, log)  # fresh: readiness is read from this log
+        popen = spawn_step(argv, env, log)  # fresh: readiness is read from this log
         self.popens[step.name] = popen
         info = {"nodes": list(step.nodes), "pid": popen.pid, "start": Pid.of(popen.pid).start, "log": str(log),
                 "role": step.role, "ntasks": step.ntasks, "argv": argv, "env": env, "restarts": []}

@@ -98,7 +98,7 @@ class Supervisor:
             return
         cause = info.pop("cause")
         number = len(info.get("restarts", [])) + 1
-        popen = spawn_step(name, info["argv"], info["env"], Path(info["log"]), header=f"restart {number}: {cause}")
+        popen = spawn_step(info["argv"], info["env"], Path(info["log"]), header=f"restart {number}: {cause}")
         self.children.append(popen)
         info.update(pid=popen.pid, start=Pid.of(popen.pid).start, seen_registered=False)
         info.pop("dead_since", None)

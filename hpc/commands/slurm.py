@@ -176,14 +176,13 @@ def _interrupt(*_) -> None:
 
 def _detached_supervisor(name: str, run_dir: Path, env: dict) -> None:
     """With --detach, a process of its own keeps restarting what dies (its log: RUN/supervisor.log)."""
+    import time
+
+    from hpc.launch import LaunchState
     from hpc.procs import Pid, spawn
 
     popen = spawn([sys.executable, "-m", "hpc.supervise", name], run_dir / "supervisor.log", env=env)
     pid = Pid.of(popen.pid)  # it records itself in the state; wait for that so `hpc stop` finds it
-    import time
-
-    from hpc.launch import LaunchState
-
     t0 = time.monotonic()
     while time.monotonic() - t0 < 10 and LaunchState.load(name).supervisor.get("pid") != popen.pid:
         if not pid.alive():

@@ -241,7 +241,9 @@ def doctor(config: Optional[Path] = typer.Argument(None, help="A deployment YAML
     import time
 
     from hpc import preflight
+    from hpc.doctor import problems
     from hpc.launch import STATE_ROOT, current_allocation, request_allocation
+    from hpc.plan import needed_gpus
     from hpc.slurm import commands
 
     env = dict(os.environ)
@@ -249,7 +251,6 @@ def doctor(config: Optional[Path] = typer.Argument(None, help="A deployment YAML
     dep = None
     if config is not None:
         from hpc.config import load_deployment
-        from hpc.plan import needed_gpus
 
         dep = load_deployment(config)
         found += preflight.shared_paths(dep, config, env) + preflight.model_files(dep)
@@ -275,10 +276,10 @@ def doctor(config: Optional[Path] = typer.Argument(None, help="A deployment YAML
             except HpcError as e:
                 raise HpcError(f"the doctor step failed: {e}") from None
         reports = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("HPC_DOCTOR ")]
-        need = alloc.gpus_per_node if dep is not None and needed_gpus(dep) else 0
-        if dep is not None and needed_gpus(dep) and not need:
-            need = dep.cluster.gpus_per_node
-        found += preflight_node_problems(reports, here, need, list(alloc.nodes))
+        need = 0  # GPUs per node the plan puts there: only a config with GPU workers needs any
+        if dep is not None and needed_gpus(dep):
+            need = alloc.gpus_per_node or dep.cluster.gpus_per_node
+        found += problems(reports, here, need, list(alloc.nodes))
         t = Table("node", "clock", "GPUs", "head node", "NIXL DRAM GB/s", title=f"job {alloc.job_id}")
         for r in sorted(reports, key=lambda r: r["rank"]):
             t.add_row(r["node"], f"{r['time'] - here:+.2f} s", str(r["gpus"]), r["ports"],
@@ -292,9 +293,3 @@ def doctor(config: Optional[Path] = typer.Argument(None, help="A deployment YAML
     if found:
         raise typer.Exit(1)
     console.print("[green]✓[/green] no problem found")
-
-
-def preflight_node_problems(reports, here, need, nodes):
-    from hpc.doctor import problems
-
-    return problems(reports, here, need, nodes)
