@@ -57,12 +57,14 @@ class ImageInput:
     cache keys those positions by it, so the same image reuses KV and a different one never does."""
 
     offset: int
-    embeddings: Any  # a torch.Tensor [n, hidden]
+    embeddings: Any  # a torch.Tensor [n, hidden]; None where the engine encodes the image itself (`data`)
     digest: bytes
+    data: bytes | None = None  # the encoded image, for engines that take raw images (TensorRT-LLM)
+    num_tokens: int = 0  # the prompt positions the frontend gave it (0: as many as embeddings)
 
     @property
     def length(self) -> int:
-        return int(self.embeddings.shape[0])
+        return int(self.embeddings.shape[0]) if self.embeddings is not None else self.num_tokens
 
 
 @dataclass

@@ -112,12 +112,13 @@ def media(work_dir, tiny_llava):
     server.shutdown()
 
 
-def config(work_dir: Path, media: dict, name: str, roles: str) -> Path:
-    workers = "\n".join(f"  {role}: {{engine: torch, engine_config: {ENGINE_YAML}}}" for role in roles.split(","))
+def config(work_dir: Path, media: dict, name: str, roles: str, engine: str = "torch",
+           engine_yaml: Path = ENGINE_YAML) -> Path:
+    workers = "\n".join(f"  {role}: {{engine: {engine}, engine_config: {engine_yaml}}}" for role in roles.split(","))
     path = work_dir / f"{name}.yaml"
     path.write_text(f"""name: {name}
 model: {{path: "${{HPC_LLAVA_DIR}}", served_name: {MODEL}, modality: multimodal}}
-cluster: {{gpus_per_node: 0}}
+cluster: {{gpus_per_node: {4 if engine == 'trtllm' else 0}}}  # TensorRT-LLM workers take a GPU each
 frontend: {{port: 0}}
 media:
   allowed_local_media_path: {media['allowed']}
@@ -340,3 +341,57 @@ def test_one_image_gives_the_same_tokens_in_every_flow(flow, slurm_env, work_dir
     finally:
         hpc(["stop", name], slurm_env)
     assert squeue(slurm_env) == []
+
+
+def test_trtllm_epd_across_nodes_gives_the_answer_of_an_engine_that_encodes_itself(slurm_env, work_dir, media,
+                                                                                   tiny_llava):
+    """E/P/D on TensorRT-LLM (its test double, tests/trtllm_double): the encode worker's MultimodalEncoder, the
+    embeddings over NIXL to the prefill worker, the decode worker continuing from the prefill's expanded prompt.
+    The same answer as one engine given the raw image, for an http URL, base64 and the embedding file of the
+    image (the double's encoder makes 17 embeddings where the frontend counts 16)."""
+    import asyncio
+    import sys
+
+    from test_trtllm import DOUBLE, image_prompt
+
+    from engines.base import EngineRequest, ImageInput, SamplingParams
+    from engines.trtllm.encoder import TrtllmEncoder
+    from engines.trtllm.engine import TrtllmEngine
+    from frontend.preprocess import ModelFiles
+
+    engine_yaml = work_dir / "trtllm-tp1.yaml"
+    engine_yaml.write_text("max_seq_len: 1024\ncache_transceiver_config: {backend: NIXL}\n")
+
+    async def expected_and_file():
+        ids, at = image_prompt(tiny_llava, 1)
+        agg = TrtllmEngine(str(tiny_llava), {"max_seq_len": 1024})
+        encoder = TrtllmEncoder(str(tiny_llava), {})
+        for e in (agg, encoder):
+            e.start(asyncio.get_running_loop())
+        try:
+            req = EngineRequest("ref", ids, SamplingParams(max_tokens=8),
+                                [ImageInput(at, None, b"d" * 16, data=media["cat"], num_tokens=1)])
+            tokens = [t async for o in agg.generate(req) for t in o.token_ids]
+            [emb] = await encoder.encode_images_async([media["cat"]])
+        finally:
+            agg.shutdown()
+            encoder.shutdown()
+        torch.save(emb, media["allowed"] / "cat-trtllm.pt")
+        d = ModelFiles(tiny_llava).detokenizer()
+        return d.add(tokens) + d.flush()
+
+    expected = asyncio.run(expected_and_file())
+    env = {**slurm_env, "PATH": f"{Path(sys.executable).parent}:{DOUBLE / 'bin'}:{os.environ['PATH']}",
+           "PYTHONPATH": str(DOUBLE)}
+    name = "mm-trtllm-epd"
+    hpc(["launch", str(config(work_dir, media, name, "encode,prefill,decode", "trtllm", engine_yaml)),
+         "--nodes", "3", "--detach"], env)
+    try:
+        url = json.loads((REPO / ".hpc" / f"{name}.json").read_text())["frontend_url"]
+        for source in (f"{media['http']}/cat.png", data_url(media["cat"]), str(media["allowed"] / "cat-trtllm.pt")):
+            assert chat(url, source).choices[0].message.content == expected, source[:40]
+        log = hpc(["logs", "encode-0", "--deployment", name], env).stdout
+        assert "multimodal encoder loaded" in log
+    finally:
+        hpc(["stop", name], env)
+    assert squeue(env) == []

@@ -103,6 +103,96 @@ def test_adapter_disaggregated_equals_aggregated_and_cancels(tiny_model):
     asyncio.run(run())
 
 
+def cat_png() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_prompt(tiny_llava: Path, positions: int) -> tuple[list[int], int]:
+    """A chat prompt with one image, its image token repeated `positions` times as the frontend lays it out."""
+    from frontend.preprocess import ModelFiles
+
+    files = ModelFiles(tiny_llava)
+    ids = files.encode(files.render_chat([{"role": "user", "content": "What is it?" + files.vision.image_token}]))
+    at = ids.index(files.vision.image_token_id)
+    return ids[:at] + [files.vision.image_token_id] * positions + ids[at + 1:], at
+
+
+def test_adapter_images_inline_encoded_and_from_files_give_the_same_tokens(tiny_llava):
+    """Aggregated (TensorRT-LLM encodes the image itself), EP/D (the prefill does, the decode gets the expanded
+    prompt in the handoff) and E/P/D (MultimodalEncoder, its handle opened and copied, the prefill given the
+    embeddings) agree, whatever number of positions the frontend gave the image."""
+    from engines.base import ImageInput
+    from engines.trtllm.encoder import TrtllmEncoder
+
+    png = cat_png()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        agg, prefill, decode = engine(tiny_llava), engine(tiny_llava), engine(tiny_llava)
+        encoder = TrtllmEncoder(str(tiny_llava), {"max_seq_len": 1024, "cache_transceiver_config": {}})
+        for e in (agg, prefill, decode, encoder):
+            e.start(loop)
+        try:
+            sampling = SamplingParams(max_tokens=10)
+            ids, at = image_prompt(tiny_llava, 16)
+            raw = [ImageInput(at, None, b"d" * 16, data=png, num_tokens=16)]
+            whole = await collect(agg.generate(EngineRequest("a", ids, sampling, raw)))
+            text_only = await collect(agg.generate(EngineRequest("t", ids, sampling)))
+            assert len(whole) == 10 and whole != text_only  # the image changes the answer
+
+            first = await prefill.prefill(EngineRequest("b", ids, sampling, raw))
+            rest = await collect(decode.decode_handoff(EngineRequest("b", ids, sampling), first.handoff))
+            assert [first.first_token] + rest == whole
+
+            [emb] = await encoder.encode_images_async([png], [16])
+            assert list(emb.shape) == [17, encoder.hidden_size]  # the model's own count, not the frontend's 16
+            ids17, at17 = image_prompt(tiny_llava, 17)  # an embedding file of 17 rows: 17 positions
+            for prompt, where, n in ((ids, at, 16), (ids17, at17, 17)):
+                req = EngineRequest("c", prompt, sampling, [ImageInput(where, emb, b"d" * 16, num_tokens=n)])
+                first = await prefill.prefill(req)
+                rest = await collect(decode.decode_handoff(EngineRequest("c", prompt, sampling), first.handoff))
+                assert [first.first_token] + rest == whole
+        finally:
+            for e in (agg, prefill, decode, encoder):
+                e.shutdown()
+
+    asyncio.run(run())
+
+
+def test_adapter_refuses_images_for_a_text_model_and_the_double_unread_keys(tiny_model, tiny_llava):
+    import tensorrt_llm
+
+    from engines.base import ImageInput
+    from engines.trtllm.encoder import TrtllmEncoder
+
+    async def run():
+        e = engine(tiny_model)
+        e.start(asyncio.get_running_loop())
+        try:
+            with pytest.raises(EngineError, match="takes no images"):
+                e.generate(EngineRequest("x", [1, 2, 3], SamplingParams(),
+                                         [ImageInput(1, None, b"d" * 16, data=cat_png(), num_tokens=1)]))
+        finally:
+            e.shutdown()
+        llm = tensorrt_llm.LLM(model=str(tiny_llava))
+        try:  # data.py's spelling: TensorRT-LLM's LLM never reads it, so the double refuses it
+            with pytest.raises(TypeError, match="multimodal_embeddings"):
+                llm.generate_async({"prompt_token_ids": [1], "multimodal_embeddings": {"image": []}})
+        finally:
+            llm.shutdown()
+
+    asyncio.run(run())
+    with pytest.raises(EngineError, match="needs a vision-language model"):
+        TrtllmEncoder(str(tiny_model), {})
+
+
 def test_stats_come_from_iteration_stats(tiny_model):
     async def run():
         e = engine(tiny_model)

@@ -6,7 +6,14 @@ from hpc.config import EngineConfig
 from hpc.errors import HpcError
 
 
-def build_engine(name: str, model_path: str, cfg: EngineConfig, random_weights: bool = False, tp=None):
+def build_engine(name: str, model_path: str, cfg: EngineConfig, random_weights: bool = False, tp=None,
+                 role: str | None = None):
+    if name == "torch" and role == "encode":  # the vision tower and projector only
+        from engines.torch.encoder import TorchEncoder
+        from engines.torch.engine import TorchEngineOptions
+
+        return TorchEncoder(model_path, TorchEngineOptions(device=cfg.device, dtype=cfg.dtype,
+                                                           random_weights=random_weights))
     if name == "torch":
         from engines.torch.engine import TorchEngine, TorchEngineOptions
 
@@ -27,6 +34,10 @@ def build_engine(name: str, model_path: str, cfg: EngineConfig, random_weights: 
         return MockerEngine(MockerOptions(**timing, block_size=cfg.kv_cache_config.tokens_per_block,
                                           num_blocks=cfg.num_kv_blocks or 4096, max_batch_size=cfg.max_batch_size,
                                           block_reuse=cfg.kv_cache_config.enable_block_reuse is not False))
+    if name == "trtllm" and role == "encode":
+        from engines.trtllm.encoder import TrtllmEncoder
+
+        return TrtllmEncoder(model_path, cfg.model_dump(exclude_unset=True))
     if name == "trtllm":
         from engines.trtllm.engine import TrtllmEngine
 

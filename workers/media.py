@@ -112,12 +112,15 @@ async def embeddings_of(engine, parts: list[MultimodalPart]) -> list[torch.Tenso
     checked against the positions the frontend gave it."""
     images = [p.data for p in parts if p.kind == "image"]
     tokens = [p.num_tokens for p in parts if p.kind == "image"]
-    if hasattr(engine, "encode_images_async"):  # the mocker: simulated time on its simulated GPU
-        encoded = iter(await engine.encode_images_async(images, tokens) if images else [])
+    if not images:
+        encoded = iter([])
+    elif hasattr(engine, "encode_images_async"):  # the mocker (simulated time), TensorRT-LLM's encoder
+        encoded = iter(await engine.encode_images_async(images, tokens))
     elif hasattr(engine, "encode_images"):  # a vision tower: compute, in a thread
-        encoded = iter(await asyncio.to_thread(engine.encode_images, images, tokens) if images else [])
+        encoded = iter(await asyncio.to_thread(engine.encode_images, images, tokens))
     else:
         raise MediaFailure("bad_request", f"the {type(engine).__name__} does not take images yet")
+    own_count = getattr(engine, "counts_own_image_tokens", False)
     out = []
     for i, p in enumerate(parts):
         if p.kind == "image":
@@ -129,7 +132,7 @@ async def embeddings_of(engine, parts: list[MultimodalPart]) -> list[torch.Tenso
                 raise MediaFailure("bad_request", f"image {i}: {p.path}: {e}") from None
         else:
             raise MediaFailure("bad_request", f"image {i}: a {p.kind} part cannot be encoded here")
-        if t.shape[0] != p.num_tokens:
+        if t.shape[0] != p.num_tokens and not (own_count and p.kind == "image"):
             raise MediaFailure("bad_request", f"image {i}: {t.shape[0]} embeddings for {p.num_tokens} image "
                                               f"positions")
         out.append(t)
@@ -208,5 +211,13 @@ class RemoteEncoders:
 
 
 def image_inputs(parts: list[MultimodalPart], tensors: list[torch.Tensor]) -> list[ImageInput]:
-    return [ImageInput(p.offset, t, p.digest) for p, t in zip(parts, tensors)]
+    return [ImageInput(p.offset, t, p.digest, num_tokens=p.num_tokens) for p, t in zip(parts, tensors)]
 
+
+
+async def raw_image_inputs(engine, parts: list[MultimodalPart]) -> list[ImageInput]:
+    """For an engine with its own image processing (TensorRT-LLM): images as they came, embedding files loaded."""
+    files = [p for p in parts if p.kind != "image"]
+    loaded = iter(await embeddings_of(engine, files) if files else [])
+    return [ImageInput(p.offset, None, p.digest, data=p.data, num_tokens=p.num_tokens) if p.kind == "image"
+            else ImageInput(p.offset, next(loaded), p.digest, num_tokens=p.num_tokens) for p in parts]

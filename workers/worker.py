@@ -28,7 +28,8 @@ from hpc.runtime.protocol import (PROTOCOL_VERSION, EncodeRequest, EncodeResult,
                                   encode_json)
 from hpc.runtime.transfer import KvTransfer, TransferError, ensure_cuda_context
 from workers.engines import build_engine
-from workers.media import EmbeddingStage, EncodeCache, MediaFailure, RemoteEncoders, embeddings_of, image_inputs
+from workers.media import (EmbeddingStage, EncodeCache, MediaFailure, RemoteEncoders, embeddings_of, image_inputs,
+                           raw_image_inputs)
 
 log = logging.getLogger("workers")
 
@@ -102,7 +103,8 @@ class Worker:
 
             if torch.cuda.is_available():
                 ensure_cuda_context(torch.cuda.current_device())  # before the NIXL agent: see transfer.py
-        self.engine = build_engine(o.engine, o.model_path, o.engine_config, o.random_weights, tp=self.tp)
+        self.engine = build_engine(o.engine, o.model_path, o.engine_config, o.random_weights, tp=self.tp,
+                                   role=o.role)
         self.engine.start(loop)
         if o.role in ("prefill", "decode") and not self.engine.moves_own_kv:
             self.transfer = KvTransfer(f"{o.deployment}.{o.worker_id}", self.engine.kv_pool(),
@@ -281,19 +283,23 @@ class Worker:
                 await reply(encode(TokenDelta(rid, out.token_ids, out.finish_reason, out.cached_tokens, stages)))
 
     async def with_images(self, req: GenerateRequest, timing: dict | None = None):
-        """The engine request, with the images' embeddings: encoded here, or by an encode worker (E/P/D). The time
-        it took goes to `timing["encode"]`."""
+        """The engine request, with the images: encoded here, by an encode worker (E/P/D), or left to an engine
+        that takes raw images (TensorRT-LLM). The time it took goes to `timing["encode"]`."""
         ereq = self.engine_request(req)
-        if req.multimodal:
-            t0 = time.perf_counter()
-            tensors = await (self.encoders.resolve(req) if self.encoders else embeddings_of(self.engine,
-                                                                                          req.multimodal))
-            if timing is not None:
-                timing["encode"] = time.perf_counter() - t0
-            self.metrics.encode_seconds.observe(time.perf_counter() - t0)
-            for part in req.multimodal:
-                self.metrics.images.labels(part.kind).inc()
-            ereq.images = image_inputs(req.multimodal, tensors)
+        if not req.multimodal:
+            return ereq
+        t0 = time.perf_counter()
+        if self.encoders:
+            ereq.images = image_inputs(req.multimodal, await self.encoders.resolve(req))
+        elif getattr(self.engine, "takes_raw_images", False):
+            ereq.images = await raw_image_inputs(self.engine, req.multimodal)
+        else:
+            ereq.images = image_inputs(req.multimodal, await embeddings_of(self.engine, req.multimodal))
+        if timing is not None:
+            timing["encode"] = time.perf_counter() - t0
+        self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+        for part in req.multimodal:
+            self.metrics.images.labels(part.kind).inc()
         return ereq
 
     async def serve_aggregated(self, req: GenerateRequest, reply) -> None:

@@ -79,6 +79,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def encode_with(vision, processing, device: torch.device, images: list[bytes]) -> list[torch.Tensor]:
+    """Encoded images -> their embeddings [tokens_per_image, hidden] each (float32, on the CPU), in one batch."""
+    try:
+        pixels = torch.stack([processing.pixels(data) for data in images])
+    except Exception as e:
+        raise EngineError(f"an image could not be decoded: {e}") from None
+    dtype = next(vision.parameters()).dtype
+    with torch.inference_mode():
+        out = vision(pixels.to(device, dtype))
+    return [e.float().cpu() for e in out]
+
+
 class TorchEngine:
     moves_own_kv = False  # the worker moves KV blocks out of this engine's pool
 
@@ -200,14 +212,7 @@ class TorchEngine:
         frontend gave each image) is for engines without a vision tower of their own (the mocker)."""
         if self.vision is None:
             raise EngineError("this model takes no images (its config.json has no vision_config)")
-        try:
-            pixels = torch.stack([self.image_processing.pixels(data) for data in images])
-        except Exception as e:
-            raise EngineError(f"an image could not be decoded: {e}") from None
-        dtype = next(self.vision.parameters()).dtype
-        with torch.inference_mode():
-            out = self.vision(pixels.to(self.device, dtype))
-        return [e.float().cpu() for e in out]
+        return encode_with(self.vision, self.image_processing, self.device, images)
 
     def _stream(self, seq: _Seq) -> AsyncIterator[TokenOutput]:
         return stream_until_finished(seq.out.get, lambda: self.cancel(seq.id))

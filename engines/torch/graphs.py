@@ -95,7 +95,11 @@ class DecodeGraphs:
                 for _ in range(2):  # warm up outside the graph (allocator, kernel selection)
                     self._forward(g)
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            with torch.inference_mode(), torch.cuda.graph(g.graph, pool=self.memory_pool):
+            # thread_local: CUDA calls of other threads (NIXL/UCX reading KV into the pool) may run during a
+            # capture. In the default global mode they fail or invalidate it, the suspected cause of a failed
+            # disaggregated run (docs/benchmarks.md).
+            with torch.inference_mode(), torch.cuda.graph(g.graph, pool=self.memory_pool,
+                                                          capture_error_mode="thread_local"):
                 g.logits = self._forward(g)
             self.graphs[key] = g
         return g

@@ -5,6 +5,10 @@
   DisaggregatedParams; those go to the decode worker as opaque bytes (`handoff`);
 - decode: a generation-only request built from the handoff; TensorRT-LLM's cache transceiver pulls the KV from the
   prefill engine itself (NIXL or UCX, `cache_transceiver_config.backend`), so hpc moves no KV for this engine.
+- images: TensorRT-LLM's input processor expands each image token to the model's own number of embeddings (which
+  the frontend's count need not match), so each image's positions go back to one image token. Raw images go in as
+  `multi_modal_data` (the engine runs its vision tower: aggregated, EP/D); embeddings from an encode worker or a file
+  as `multi_modal_embeddings` (E/P/D). The decode worker gets the prefill's expanded prompt in the handoff.
 
 Under `trtllm-llmapi-launch` this process is rank 0; the LLM object drives the other MPI ranks through
 TensorRT-LLM's own proxy, so nothing here knows about them."""
@@ -13,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator
 
 import msgspec
@@ -24,9 +31,11 @@ from engines.trtllm.args import llm_kwargs
 
 log = logging.getLogger("engines.trtllm")
 
-# Fields of DisaggregatedParams that never travel: the request type is set per phase, and hpc asks for neither
-# log probabilities nor logits (they hold tensors and Logprob objects, not plain data).
-_LOCAL_FIELDS = ("request_type", "first_gen_log_probs", "first_gen_logits")
+# Fields of DisaggregatedParams that never travel: the request type is set per phase; hpc asks for neither log
+# probabilities nor logits (they hold tensors and Logprob objects, not plain data); the multimodal handles are CUDA
+# IPC handles, valid on their own node only, and the decode side needs the KV, not the images.
+_LOCAL_FIELDS = ("request_type", "first_gen_log_probs", "first_gen_logits", "multimodal_embedding_handles",
+                 "multimodal_hashes", "mrope_position_ids_handle", "mrope_position_deltas_handle")
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "cancelled"}
 
 
@@ -41,6 +50,7 @@ class _Active:
 
 class TrtllmEngine:
     moves_own_kv = True  # TensorRT-LLM's cache transceiver moves the KV; the worker's transfer layer stays out
+    takes_raw_images = True  # its input processor and vision tower take the images themselves
     layout = None
 
     def __init__(self, model_path: str, engine_yaml: dict):
@@ -51,6 +61,8 @@ class TrtllmEngine:
                               f"TensorRT-LLM container (see docs/trtllm.md)") from None
         self.model_path = model_path
         self.kwargs = llm_kwargs(engine_yaml)
+        self.vision = vision_info(model_path)
+        self.hidden_size = self.vision["hidden_size"] if self.vision else 0
         self.llm = None
         self._active: dict[str, _Active] = {}
         self._iteration: dict = {}
@@ -66,7 +78,7 @@ class TrtllmEngine:
             self.llm = LLM(model=self.model_path, **self.kwargs)
         except Exception as e:  # any rank's load failure surfaces here, as TensorRT-LLM raises it
             raise EngineError(f"TensorRT-LLM could not load {self.model_path}: {type(e).__name__}: "
-                              f"{_one_line(e)}") from None
+                              f"{one_line(e)}") from None
         self._poller = loop.create_task(self._poll_stats())
 
     def shutdown(self) -> None:
@@ -84,12 +96,30 @@ class TrtllmEngine:
                            top_k=s.top_k or None, seed=s.seed, stop_token_ids=list(s.stop_token_ids) or None,
                            ignore_eos=s.ignore_eos, detokenize=False)  # the frontend detokenizes
 
-    def _submit(self, req: EngineRequest, sampling, streaming: bool, params=None, generation_only=False) -> _Active:
+    def _inputs(self, req: EngineRequest):
+        """The prompt as TensorRT-LLM takes it: token ids, or with images a dict in which each image holds one
+        image token (TensorRT-LLM expands it)."""
+        if not req.images:
+            return req.prompt
+        if self.vision is None:
+            raise EngineError(f"{self.model_path} takes no images (its config.json has no vision_config)")
+        ids, start = [], 0
+        for im in sorted(req.images, key=lambda i: i.offset):
+            ids += req.prompt[start:im.offset + 1]
+            start = im.offset + (im.num_tokens or im.length)  # the frontend's positions, not the model's count
+        ids += req.prompt[start:]
+        if all(im.data is not None for im in req.images):
+            return {"prompt_token_ids": ids, "multi_modal_data": {"image": [pil_image(im.data) for im in req.images]}}
+        return {"prompt_token_ids": ids, "multi_modal_embeddings": {"image": [im.embeddings for im in req.images]}}
+
+    def _submit(self, req: EngineRequest, sampling, streaming: bool, params=None, generation_only=False,
+                inputs=None) -> _Active:
         try:
-            result = self.llm.generate_async(req.prompt, sampling_params=sampling, streaming=streaming,
+            result = self.llm.generate_async(inputs if inputs is not None else self._inputs(req),
+                                             sampling_params=sampling, streaming=streaming,
                                              disaggregated_params=params)
         except (ValueError, TypeError) as e:  # TensorRT-LLM checks a request (length, parameters) on submit
-            raise EngineError(_one_line(e)) from None
+            raise EngineError(one_line(e)) from None
         active = self._active[req.request_id] = _Active(result, generation_only)
         self._prompt_tokens += len(req.prompt) if not generation_only else 0
         return active
@@ -120,7 +150,7 @@ class TrtllmEngine:
                     return
         except Exception as e:  # an engine failure mid-stream (e.g. out of memory) ends this request clearly
             finished = True
-            yield TokenOutput([], "error", f"TensorRT-LLM: {type(e).__name__}: {_one_line(e)}")
+            yield TokenOutput([], "error", f"TensorRT-LLM: {type(e).__name__}: {one_line(e)}")
         finally:
             self._active.pop(rid, None)
             if not finished:
@@ -140,7 +170,7 @@ class TrtllmEngine:
             self._abort(active)
             raise
         except Exception as e:
-            raise RuntimeError(f"TensorRT-LLM prefill failed: {type(e).__name__}: {_one_line(e)}") from None
+            raise RuntimeError(f"TensorRT-LLM prefill failed: {type(e).__name__}: {one_line(e)}") from None
         finally:
             self._active.pop(req.request_id, None)
         c = out.outputs[0]
@@ -151,14 +181,16 @@ class TrtllmEngine:
         # TensorRT-LLM says "stop" when the first token ends the request (end id or a stop token); "length" only
         # means the context-only request's max_tokens of 1.
         finish = "stop" if c.finish_reason == "stop" else "length" if req.sampling.max_tokens <= 1 else None
-        handoff = None if finish else encode_params(c.disaggregated_params)
+        # With images the context is TensorRT-LLM's expanded prompt; the decode side must submit the same tokens.
+        expanded = list(out.prompt_token_ids) if req.images else None
+        handoff = None if finish else encode_handoff(c.disaggregated_params, expanded)
         return PrefillOutput(first, finish, [], len(req.prompt), handoff=handoff)
 
     def decode_handoff(self, req: EngineRequest, handoff: bytes) -> AsyncIterator[TokenOutput]:
         """Continue a request that a peer prefilled: TensorRT-LLM fetches the KV named in the handoff."""
-        params = decode_params(handoff)
+        params, prompt = decode_handoff(handoff)
         active = self._submit(req, self._sampling(req.sampling), streaming=True, params=params,
-                              generation_only=True)
+                              generation_only=True, inputs=prompt or req.prompt)
         # A generation-only request's output begins with the tokens the prefill already returned.
         return self._follow(req.request_id, active, skip=len(params.first_gen_tokens or []))
 
@@ -232,25 +264,48 @@ class TrtllmEngine:
                            prompt_tokens=self._prompt_tokens, generated_tokens=self._generated_tokens)
 
 
-def encode_params(params) -> bytes:
-    """TensorRT-LLM's DisaggregatedParams of a context-only request, as bytes for the protocol."""
+def encode_handoff(params, prompt: list[int] | None = None) -> bytes:
+    """TensorRT-LLM's DisaggregatedParams of a context-only request (and, for a multimodal prompt, the expanded
+    prompt it ran), as bytes for the protocol."""
     if params is None:
         raise RuntimeError("TensorRT-LLM returned no disaggregated params for a context-only request (is "
                            "cache_transceiver_config set in the prefill engine YAML?)")
     fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name not in _LOCAL_FIELDS}
-    return msgspec.msgpack.encode({k: v for k, v in fields.items() if v is not None})
+    return msgspec.msgpack.encode({"params": {k: v for k, v in fields.items() if v is not None}, "prompt": prompt})
 
 
-def decode_params(data: bytes):
+def decode_handoff(data: bytes):
+    """(DisaggregatedParams for the generation-only request, the prompt to submit or None for the request's own)."""
     from tensorrt_llm.llmapi import DisaggregatedParams
 
     try:
-        fields = msgspec.msgpack.decode(data)
-        return DisaggregatedParams(request_type="generation_only", **fields)
-    except (msgspec.DecodeError, TypeError, ValueError) as e:
+        handoff = msgspec.msgpack.decode(data)
+        return DisaggregatedParams(request_type="generation_only", **handoff["params"]), handoff.get("prompt")
+    except (msgspec.DecodeError, TypeError, ValueError, KeyError) as e:
         raise EngineError(f"the prefill worker's disaggregated params do not fit this TensorRT-LLM: {e}") from None
 
 
-def _one_line(e: BaseException) -> str:
+def vision_info(model_path: str) -> dict | None:
+    """A vision-language checkpoint's image token and hidden size (config.json), None for a text-only model."""
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # TensorRT-LLM reports a bad model directory when it loads
+    if not cfg.get("vision_config"):
+        return None
+    text = cfg.get("text_config") or {}
+    token = cfg.get("image_token_index", cfg.get("image_token_id"))
+    return {"image_token_id": token, "hidden_size": int(text.get("hidden_size", cfg.get("hidden_size", 0)))}
+
+
+def pil_image(data: bytes):
+    """An encoded image (checked by the frontend) as the PIL image TensorRT-LLM's input processors take."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[-1] if text else type(e).__name__

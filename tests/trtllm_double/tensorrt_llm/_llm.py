@@ -18,6 +18,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tensorrt_llm import _model, _mpi
 from tensorrt_llm._recorded import api, bind
 
@@ -310,8 +312,10 @@ class LLM:
     def generate_async(self, *args, **kwargs) -> RequestOutput:
         a = bind("LLM.generate_async", api()["LLM"]["generate_async"], args, kwargs)
         prompt, sampling, params = a["inputs"], a["sampling_params"] or SamplingParams(), a["disaggregated_params"]
+        if isinstance(prompt, dict):
+            prompt = self._expand_images(prompt)
         if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
-            raise TypeError("the double takes token ids (list of int) as inputs")
+            raise TypeError("the double takes token ids (a list of int, or a dict with prompt_token_ids) as inputs")
         if self._max_seq_len and len(prompt) + sampling.max_tokens > self._max_seq_len:
             raise ValueError(f"The sum of prompt length ({len(prompt)}) and max_tokens ({sampling.max_tokens}) "
                              f"should not exceed max_seq_len ({self._max_seq_len})")
@@ -323,6 +327,29 @@ class LLM:
         out = RequestOutput(next(_ids), list(prompt), a["streaming"], self._engine)
         self._engine.add(_Request(out, list(prompt), sampling, kind, params))
         return out
+
+    def _expand_images(self, inputs: dict) -> list[int]:
+        """A multimodal prompt as the input processor makes it: each image token becomes the image's embeddings
+        (here: context tokens the double's "model" derives from them)."""
+        ids, images, embeddings = _multimodal_inputs(inputs)
+        info = _model.vision(str(self.args["model"]))
+        if images is None and embeddings is None:
+            return ids
+        if info is None:
+            raise ValueError(f"{self.args['model']} is not a multimodal model; it takes no multi_modal_data")
+        if images is not None:
+            embeddings = [_model.encode_image(_pixels(im), info) for im in images]
+        else:
+            embeddings = [_checked_embedding(e, info) for e in embeddings]
+        at = [i for i, t in enumerate(ids) if t == info["image_token_id"]]
+        if len(at) != len(embeddings):
+            raise ValueError(f"the prompt has {len(at)} image tokens for {len(embeddings)} images")
+        vocab = _model.load(str(self.args["model"]))["vocab_size"]
+        out, start = [], 0
+        for pos, emb in zip(at, embeddings):
+            out += ids[start:pos] + _model.image_context(emb, vocab)
+            start = pos + 1
+        return out + ids[start:]
 
     async def get_stats_async(self, timeout: float | None = 2):
         with self._engine.lock:
@@ -336,3 +363,86 @@ class LLM:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+# ---- multimodal ----------------------------------------------------------------------------------------------------
+def _multimodal_inputs(inputs: dict):
+    """prompt_token_ids and the images or embeddings of a dict prompt, with the recorded keys only."""
+    recorded = api()["PromptInputs"]
+    unknown = set(inputs) - set(recorded["keys"])
+    if unknown:
+        raise TypeError(f"the double refuses prompt keys TensorRT-LLM does not read: {sorted(unknown)}")
+    if "prompt_token_ids" not in inputs:
+        raise TypeError("the double takes prompt_token_ids, not text prompts")
+    media = {}
+    for key in ("multi_modal_data", "multi_modal_embeddings"):
+        if inputs.get(key) is not None:
+            extra = set(inputs[key]) - set(recorded["modalities"])
+            if extra:
+                raise ValueError(f"{key}: unsupported modalities {sorted(extra)}")
+            media[key] = list(inputs[key].get("image") or [])
+    if len(media) > 1:
+        raise ValueError("multi_modal_data and multi_modal_embeddings in one prompt")
+    return list(inputs["prompt_token_ids"]), media.get("multi_modal_data"), media.get("multi_modal_embeddings")
+
+
+def _pixels(image):
+    import numpy as np
+
+    if not hasattr(image, "convert"):
+        raise TypeError(f"multi_modal_data images are PIL images, not {type(image).__name__}")
+    return np.asarray(image.convert("RGB"))
+
+
+def _checked_embedding(tensor, info: dict):
+    array = tensor.detach().float().cpu().numpy() if hasattr(tensor, "detach") else tensor
+    if array.ndim != 2 or array.shape[1] != info["hidden_size"]:
+        raise ValueError(f"multimodal embedding of shape {list(array.shape)}; expected [n, {info['hidden_size']}]")
+    return array
+
+
+class _EncoderOutput:
+    """What MultimodalEncoder.generate_async returns: finished at once in the double."""
+
+    def __init__(self, request_id: int, prompt_token_ids: list, params: DisaggregatedParams):
+        self.request_id, self.prompt_token_ids, self.disaggregated_params = request_id, prompt_token_ids, params
+        self.finished, self.outputs = True, []
+
+    async def aresult(self) -> "_EncoderOutput":
+        await asyncio.sleep(0)
+        return self
+
+    def abort(self) -> None:
+        pass
+
+
+class MultimodalEncoder:
+    """The vision tower and projector only; each request's embeddings come back as one tensor handle."""
+
+    def __init__(self, *args, **kwargs):
+        recorded = api()
+        a = bind("MultimodalEncoder.__init__", recorded["MultimodalEncoder"]["__init__"], args, kwargs,
+                 extra=recorded["LLM"]["llm_args"])
+        self.model = str(a["model"])
+        _model.load(self.model)
+        self.info = _model.vision(self.model)
+        if self.info is None:
+            raise ValueError(f"{self.model} has no vision encoder (config.json has no vision_config)")
+        _say(f"multimodal encoder loaded {self.model}")
+
+    def generate_async(self, *args, **kwargs) -> _EncoderOutput:
+        import torch
+
+        from tensorrt_llm._torch.shared_tensor import SharedTensorContainer
+
+        a = bind("MultimodalEncoder.generate_async", api()["MultimodalEncoder"]["generate_async"], args, kwargs)
+        ids, images, _ = _multimodal_inputs(a["inputs"])
+        if not images:
+            raise ValueError("MultimodalEncoder needs multi_modal_data images")
+        rows = torch.from_numpy(np.concatenate([_model.encode_image(_pixels(im), self.info) for im in images]))
+        handle = SharedTensorContainer.from_tensor(rows, local=True).dump_to_dict()
+        params = DisaggregatedParams(multimodal_embedding_handles=[handle], multimodal_hashes=[[0] * 8] * len(images))
+        return _EncoderOutput(next(_ids), ids, params)
+
+    def shutdown(self) -> None:
+        pass
