@@ -8,8 +8,13 @@ prefilled (not timed), then `--steps` decode steps run with every sequence decod
 inter-token latency a stream sees. The floor is reading the weights once per step: parameter bytes / the GPU's
 memory bandwidth (HBM3e, 4.8 TB/s on an H200). A step faster than that floor is refused as a measurement error.
 
-Equality: a 4-layer model of the same width in float32 decodes 32 greedy tokens with and without graphs; the
-tokens must be the same (in bf16, random weights give near-equal logits that any change of kernel can flip).
+Rows: eager or CUDA graphs, each with decode attention as a gather of the blocks + SDPA or as the paged Triton
+kernel (engines/torch/paged_attention.py).
+
+Equality: the paged kernel against gather + SDPA on scattered blocks (bf16; max abs difference, at most 0.05); and
+a 4-layer model of the same width in float32 decodes 32 greedy tokens eagerly with gather + SDPA, eagerly with the
+kernel, and with graphs and the kernel; the tokens must be the same (in bf16, random weights give near-equal logits
+that any change of kernel can flip).
 Writes benchmarks/results/decode.json (or $OUT/decode.json)."""
 
 from __future__ import annotations
@@ -56,22 +61,51 @@ async def decode_times(engine: TorchEngine, batch: int, context: int, steps: int
     return gaps, tokens
 
 
+def kernel_error() -> float:
+    """The paged kernel against the gather + SDPA path on the same scattered blocks (bf16, GQA 32/8, lengths that
+    end inside a block, on a block boundary and past one): the largest absolute difference."""
+    from engines.torch.model import Attention, DecodeBatch, LlamaConfig
+    from engines.torch.paged_attention import paged_decode
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    layers, bs, kvh, hd, h = 2, 16, 8, 128, 32
+    pool = torch.randn((1024, layers, 2, bs, kvh, hd), generator=g, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.tensor([1, 15, 16, 17, 700, 2000], device="cuda")
+    width = -(-int(lengths.max()) // bs)
+    table = torch.randperm(1024, generator=g, device="cuda")[: len(lengths) * width].view(len(lengths), width)
+    q = torch.randn((len(lengths), h, hd), generator=g, device="cuda", dtype=torch.bfloat16)
+    mask = (torch.arange(width * bs, device="cuda")[None, :] < lengths[:, None])[:, None, None, :]
+    cfg = LlamaConfig(hidden_size=h * hd, intermediate_size=8, num_hidden_layers=1, num_attention_heads=h,
+                      num_key_value_heads=kvh, head_dim=hd, vocab_size=16)
+    attn = Attention(cfg)
+    worst = 0.0
+    for layer in range(layers):
+        rows = torch.arange(len(lengths), device="cuda")
+        ref = attn._attend_decode(q, pool, layer, DecodeBatch(rows, table, mask))
+        got = paged_decode(q, pool, layer, table, lengths)
+        worst = max(worst, (ref.float() - got.float()).abs().max().item())
+    return worst
+
+
 async def run(args) -> tuple[list[dict], dict]:
     rows = []
     d = model_dir(32)
     params = 8.03e9
     floor_ms = params * 2 / (bandwidth_tb_s() * 1e12) * 1000
-    for graphs in (False, True):
+    error = kernel_error()
+    print(f"paged kernel against gather + SDPA, bf16: max abs difference {error:.4f}", flush=True)
+    for graphs, paged in ((False, False), (False, True), (True, False), (True, True)):
         engine = TorchEngine(d, TorchEngineOptions(device="cuda", dtype="bfloat16", random_weights=True,
-                                                   num_blocks=4096, max_num_tokens=8192, cuda_graphs=graphs))
+                                                   num_blocks=4096, max_num_tokens=8192, cuda_graphs=graphs,
+                                                   paged_attention=paged))
         engine.start(asyncio.get_running_loop())
         try:
             for b in (int(x) for x in args.batches.split(",")):
                 await decode_times(engine, b, args.context, 5, seed=1000 + b)  # warm-up (captures the graphs)
                 gaps, _ = await decode_times(engine, b, args.context, args.steps, seed=b)
                 p50 = statistics.median(gaps) * 1000
-                row = {"cuda_graphs": graphs, "batch": b, "context": args.context, "itl_p50_ms": round(p50, 2),
-                       "itl_p90_ms": round(sorted(gaps)[int(0.9 * len(gaps))] * 1000, 2),
+                row = {"cuda_graphs": graphs, "paged_kernel": engine.paged, "batch": b, "context": args.context,
+                       "itl_p50_ms": round(p50, 2), "itl_p90_ms": round(sorted(gaps)[int(0.9 * len(gaps))] * 1000, 2),
                        "output_tok_s": round(b / (p50 / 1000), 1), "floor_ms": round(floor_ms, 2),
                        "x_floor": round(p50 / floor_ms, 2), "reused": engine.stats().reused_prompt_tokens}
                 if p50 < floor_ms:
@@ -84,19 +118,20 @@ async def run(args) -> tuple[list[dict], dict]:
             torch.cuda.empty_cache()
     small = model_dir(4)
     answers = {}
-    for graphs in (False, True):
+    for graphs, paged in ((False, False), (False, True), (True, True)):
         engine = TorchEngine(small, TorchEngineOptions(device="cuda", dtype="float32", random_weights=True,
-                                                       num_blocks=512, cuda_graphs=graphs))
+                                                       num_blocks=512, cuda_graphs=graphs, paged_attention=paged))
         engine.start(asyncio.get_running_loop())
         try:
             _, tokens = await decode_times(engine, 4, 300, 32, seed=7)
-            answers[graphs] = tokens
+            answers[graphs, paged] = tokens
         finally:
             engine.shutdown()
-    same = answers[False] == answers[True]
-    print(f"float32, 4 layers, 4 streams x 32 greedy tokens: graphs {'equal' if same else 'DIFFER from'} eager",
-          flush=True)
-    return rows, {"greedy_equal_float32": same, "floor_ms": round(floor_ms, 2), "params": params}
+    same = all(a == answers[False, False] for a in answers.values())
+    print(f"float32, 4 layers, 4 streams x 32 greedy tokens: paged kernel and graphs {'equal' if same else 'DIFFER from'}"
+          f" eager gather + SDPA", flush=True)
+    return rows, {"greedy_equal_float32": same, "kernel_max_abs_diff_bf16": round(error, 5),
+                  "floor_ms": round(floor_ms, 2), "params": params}
 
 
 def main() -> None:
@@ -107,10 +142,10 @@ def main() -> None:
     args = p.parse_args()
     rows, meta = asyncio.run(run(args))
     path = write_result("decode", rows, meta)
-    print(table(rows, ["cuda_graphs", "batch", "context", "itl_p50_ms", "itl_p90_ms", "output_tok_s", "floor_ms",
+    print(table(rows, ["cuda_graphs", "paged_kernel", "batch", "context", "itl_p50_ms", "itl_p90_ms", "output_tok_s", "floor_ms",
                        "x_floor", "reused"]))
     print(f"Written to {path}")
-    if not meta["greedy_equal_float32"]:
+    if not meta["greedy_equal_float32"] or meta["kernel_max_abs_diff_bf16"] > 0.05:
         sys.exit(1)
 
 

@@ -21,9 +21,10 @@ import torch
 from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStats, KvLayout, OutputStream,
                           PrefillOutput, TokenOutput, blocks_for, content_keys, stream_until_finished)
 from engines.sampling import sample
+from engines.torch import paged_attention
 from engines.torch.loader import load_model, load_vision, random_model, read_config, resolve_dtype
 from engines.prefix_cache import CachingBlockAllocator, block_hashes, next_hash
-from engines.torch.model import DecodeBatch, LlamaForCausalLM, SeqBatch
+from engines.torch.model import DecodeBatch, LlamaForCausalLM, SeqBatch, fuse_projections
 from engines.torch.vision import ImageProcessing
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class TorchEngineOptions:
     seed: int = 0
     enable_block_reuse: bool = True  # prefix caching (engines/prefix_cache.py)
     cuda_graphs: bool = False  # decode steps as CUDA graphs (engines/torch/graphs.py); on GPUs only
+    paged_attention: bool = True  # decode attention from the paged pool (a Triton kernel), where Triton and a GPU are
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -107,6 +109,7 @@ class TorchEngine:
             from engines.torch.parallel import shard_
 
             shard_(model, tp)
+        fuse_projections(model)
         self.model = model
         cfg = model.config
         self.dtype = next(model.parameters()).dtype
@@ -125,13 +128,14 @@ class TorchEngine:
             model_dir, self.device, o.dtype, random_weights=o.random_weights, seed=o.seed) if model_dir else None
         self.image_processing = (ImageProcessing.from_dir(Path(model_dir), self.vision.config) if self.vision
                                  else None)
+        self.paged = o.paged_attention and paged_attention.available(self.device)
         self.graphs = None
         usable = self.num_blocks
         if o.cuda_graphs and self.device.type == "cuda" and (tp is None or tp.size == 1):
             from engines.torch.graphs import DecodeGraphs
 
             usable = self.num_blocks - 1  # the last block is the graphs' scratch: padding rows write there
-            self.graphs = DecodeGraphs(model, self.pool, o.block_size, usable, o.graph_batch_sizes)
+            self.graphs = DecodeGraphs(model, self.pool, o.block_size, usable, o.graph_batch_sizes, paged=self.paged)
         self._alloc = (CachingBlockAllocator if o.enable_block_reuse else BlockAllocator)(usable)
         self._lock = threading.Lock()  # guards the allocator and `held`: decode workers allocate from the loop
         self._inbox: queue.Queue = queue.Queue()
@@ -445,7 +449,7 @@ class TorchEngine:
         lengths = torch.tensor([ctx + 1 for _, ctx, _ in decoding], dtype=torch.long, device=dev)
         mask = (torch.arange(width * bs, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
         rows = torch.tensor([row for row, _, _ in decoding], dtype=torch.long, device=dev)
-        return DecodeBatch(rows, table, mask)
+        return DecodeBatch(rows, table, mask, lengths, self.paged)
 
     def follow(self) -> None:
         """Ranks > 0: run every pass rank 0 broadcasts, until it broadcasts None or the process is stopped."""

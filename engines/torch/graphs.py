@@ -29,6 +29,7 @@ class _Graph:
         self.slot_off = torch.zeros(batch, dtype=torch.long, device=device)
         self.table = torch.full((batch, width), scratch, dtype=torch.long, device=device)
         self.mask = torch.zeros((batch, 1, 1, width * block_size), dtype=torch.bool, device=device)
+        self.lengths = torch.ones(batch, dtype=torch.long, device=device)
         self.rows = torch.arange(batch, device=device)
         self.graph = torch.cuda.CUDAGraph()
         self.logits: torch.Tensor | None = None
@@ -36,8 +37,9 @@ class _Graph:
 
 class DecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, pool: torch.Tensor, block_size: int, scratch_block: int,
-                 batch_sizes=DEFAULT_BATCH_SIZES, max_width: int = 1 << 16):
+                 batch_sizes=DEFAULT_BATCH_SIZES, max_width: int = 1 << 16, paged: bool = False):
         self.model, self.pool, self.bs, self.scratch = model, pool, block_size, scratch_block
+        self.paged = paged
         self.batch_sizes = tuple(sorted(batch_sizes))
         self.max_width = max_width
         self.device = pool.device
@@ -73,15 +75,16 @@ class DecodeGraphs:
         g.slot_block.copy_(slot_block, non_blocking=True)
         g.slot_off.copy_(torch.where(torch.arange(g.batch) < n, pos % bs, 0), non_blocking=True)
         g.table.copy_(table, non_blocking=True)
-        lengths_dev = lengths.to(dev, non_blocking=True)
-        g.mask.copy_((torch.arange(g.width * bs, device=dev)[None, :] < lengths_dev[:, None])[:, None, None, :])
+        g.lengths.copy_(lengths, non_blocking=True)
+        if not self.paged:  # the paged kernel reads the lengths; the gather + SDPA path needs the mask
+            g.mask.copy_((torch.arange(g.width * bs, device=dev)[None, :] < g.lengths[:, None])[:, None, None, :])
         g.graph.replay()
         self.replays += 1
         return g.logits[:n]
 
     def _forward(self, g: _Graph) -> torch.Tensor:
         return self.model(g.ids, g.positions, [], self.pool, g.slot_block, g.slot_off, g.rows,
-                          DecodeBatch(g.rows, g.table, g.mask))
+                          DecodeBatch(g.rows, g.table, g.mask, g.lengths, self.paged))
 
     def _graph(self, batch: int, width: int) -> _Graph:
         key = (batch, width)
