@@ -13,7 +13,7 @@ import asyncio
 
 from engines.base import EngineError, EngineStats
 from engines.trtllm.args import llm_kwargs
-from engines.trtllm.engine import one_line, pil_image, vision_info
+from engines.trtllm.engine import one_line, pil_image, require_tensorrt_llm, vision_info
 
 # LLM arguments that mean nothing without a language model: the encoder gets the rest of the engine YAML.
 _LANGUAGE_ONLY = ("cache_transceiver_config", "kv_cache_config", "speculative_config", "cuda_graph_config")
@@ -25,11 +25,7 @@ class TrtllmEncoder:
     layout = None
 
     def __init__(self, model_path: str, engine_yaml: dict):
-        try:
-            import tensorrt_llm  # noqa: F401
-        except ImportError as e:
-            raise EngineError(f"engine trtllm: TensorRT-LLM is not importable here ({e}); it runs in NVIDIA's "
-                              f"TensorRT-LLM container (see docs/trtllm.md)") from None
+        require_tensorrt_llm()
         self.model_path = model_path
         self.vision = vision_info(model_path)
         if self.vision is None:

@@ -54,11 +54,7 @@ class TrtllmEngine:
     layout = None
 
     def __init__(self, model_path: str, engine_yaml: dict):
-        try:
-            import tensorrt_llm  # noqa: F401
-        except ImportError as e:
-            raise EngineError(f"engine trtllm: TensorRT-LLM is not importable here ({e}); it runs in NVIDIA's "
-                              f"TensorRT-LLM container (see docs/trtllm.md)") from None
+        require_tensorrt_llm()
         self.model_path = model_path
         self.kwargs = llm_kwargs(engine_yaml)
         self.vision = vision_info(model_path)
@@ -283,6 +279,14 @@ def decode_handoff(data: bytes):
         return DisaggregatedParams(request_type="generation_only", **handoff["params"]), handoff.get("prompt")
     except (msgspec.DecodeError, TypeError, ValueError, KeyError) as e:
         raise EngineError(f"the prefill worker's disaggregated params do not fit this TensorRT-LLM: {e}") from None
+
+
+def require_tensorrt_llm() -> None:
+    try:
+        import tensorrt_llm  # noqa: F401
+    except ImportError as e:
+        raise EngineError(f"engine trtllm: TensorRT-LLM is not importable here ({e}); it runs in NVIDIA's "
+                          f"TensorRT-LLM container (see docs/trtllm.md)") from None
 
 
 def vision_info(model_path: str) -> dict | None:
