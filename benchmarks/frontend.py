@@ -35,11 +35,11 @@ ZERO = "mocker: {prefill_tokens_per_s: 1.0e12, prefill_overhead_ms: 0, decode_st
        "decode_ms_per_sequence: 0, decode_ms_per_1k_context: 0, kv_bytes_per_token: 64, vocab_size: 500}\n"
 
 
-def deployment(d: Path, name: str, workers: str) -> Path:
+def deployment(d: Path, name: str, workers: str, processes: int = 1) -> Path:
     (d / "zero.yaml").write_text(ZERO + "max_batch_size: 256\n")
     p = d / f"{name}.yaml"
     p.write_text(f"name: {name}\nmodel: {{path: {d / 'model'}, served_name: mock}}\ncluster: {{gpus_per_node: 0}}\n"
-                 f"workers:\n{workers}")
+                 f"frontend: {{processes: {processes}}}\nworkers:\n{workers}")
     return p
 
 
@@ -142,21 +142,24 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--osl", type=int, default=16)
+    p.add_argument("--processes", default="1", help="frontend processes, one deployment each (e.g. 1,4)")
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     d = Path(tempfile.mkdtemp(prefix="hpc-frontend-bench-"))
     make_tiny_model(d / "model")
     rows = []
     with http_floor() as floor_url:
-        for mode, workers in (("aggregated", "  aggregated: {engine: mocker, engine_config: zero.yaml}\n"),
-                              ("disaggregated", "  prefill: {engine: mocker, engine_config: zero.yaml}\n"
-                                                "  decode: {engine: mocker, engine_config: zero.yaml}\n")):
-            local = LocalDeployment(load_deployment(deployment(d, f"bench-{mode[:3]}", workers)), d / mode)
+        for n, mode, workers in [(n, *m) for n in (int(x) for x in args.processes.split(",")) for m in (
+                ("aggregated", "  aggregated: {engine: mocker, engine_config: zero.yaml}\n"),
+                ("disaggregated", "  prefill: {engine: mocker, engine_config: zero.yaml}\n"
+                                  "  decode: {engine: mocker, engine_config: zero.yaml}\n"))]:
+            name = f"bench-{mode[:3]}-{n}"
+            local = LocalDeployment(load_deployment(deployment(d, name, workers, n)), d / name)
             local.start()
             try:
                 paired = asyncio.run(paired_ttft_ms(local, floor_url, args.requests, args.osl))
                 for r in asyncio.run(measure(local, levels, args.requests, args.osl)):
-                    row = {"mode": mode, **{k: r[k] for k in KEYS}}
+                    row = {"mode": mode, "frontend_processes": n, **{k: r[k] for k in KEYS}}
                     through = paired if r["concurrency"] == 1 else {
                         "frontend_ttft_p50_ms": r["ttft_p50_ms"], "frontend_ttft_p99_ms": r["ttft_p99_ms"], **r}
                     for p in (50, 99):
@@ -169,11 +172,13 @@ def main() -> None:
             finally:
                 local.stop()
     path = write_result("frontend", rows, {"osl": args.osl, "isl": 32, "cpu_cores": os.cpu_count()})
-    print(table(rows, ["mode", "concurrency", "errors", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms",
+    print(table(rows, ["mode", "frontend_processes", "concurrency", "errors", "ttft_p50_ms", "ttft_p99_ms",
+                       "e2e_p50_ms", "e2e_p99_ms",
                        "req_s"]))
     print("\nTTFT p50 / p99 in ms: through the frontend over HTTP, straight to the workers (runtime client, no "
           "HTTP), and the difference:")
-    print(table(rows, ["mode", "concurrency", "frontend_ttft_p50_ms", "direct_ttft_p50_ms", "added_p50_ms",
+    print(table(rows, ["mode", "frontend_processes", "concurrency", "frontend_ttft_p50_ms", "direct_ttft_p50_ms",
+                       "added_p50_ms",
                        "frontend_ttft_p99_ms", "direct_ttft_p99_ms", "added_p99_ms"]))
     for r in rows:
         if r["concurrency"] == 1:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 
 class EngineError(Exception):
@@ -209,15 +209,27 @@ class OutputStream:
     async def get(self):
         return await self._queue.get()
 
+    def empty(self) -> bool:
+        return self._queue.empty()
 
-async def stream_until_finished(get: Callable[[], Awaitable[TokenOutput]],
-                                cancel: Callable[[], None]) -> AsyncIterator[TokenOutput]:
-    """Yield a request's outputs until one finishes it; a consumer that leaves early cancels the request, so the
-    engine stops working on it and frees its blocks."""
+    def get_nowait(self):
+        return self._queue.get_nowait()
+
+
+async def stream_until_finished(source, cancel: Callable[[], None]) -> AsyncIterator[TokenOutput]:
+    """Yield a request's outputs (from `source`: an asyncio.Queue or an OutputStream) until one finishes it; a
+    consumer that leaves early cancels the request, so the engine stops working on it and frees its blocks.
+
+    Outputs already waiting when one is taken go out as one: when the engine runs ahead of the path to the client
+    (a loaded frontend, a busy network), each request then costs one message per batch of tokens, not per token."""
     finished = False
     try:
         while True:
-            out = await get()
+            out = await source.get()
+            while not out.finish_reason and not source.empty():
+                more = source.get_nowait()
+                out = TokenOutput(out.token_ids + more.token_ids, more.finish_reason, more.error,
+                                  out.cached_tokens, out.timing)
             yield out
             if out.finish_reason:
                 finished = True

@@ -205,7 +205,7 @@ class MockerEngine:
         r = _Running(req, context, generated)
         self._running[req.request_id] = r
         self._wakeup.set()
-        return stream_until_finished(r.queue.get, lambda: self.cancel(req.request_id))
+        return stream_until_finished(r.queue, lambda: self.cancel(req.request_id))
 
     async def _decode_loop(self) -> None:
         while True:

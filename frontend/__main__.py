@@ -12,6 +12,7 @@ import sys
 import uvicorn
 
 from frontend.app import Frontend, create_app
+from frontend.processes import CHILD_READY, READY, Peers, default_processes, reuseport_socket, run_parent
 from hpc.errors import HpcError
 from hpc.procs import free_port
 
@@ -53,7 +54,13 @@ def main(argv=None) -> None:
     p.add_argument("--insecure", action="store_true", help="etcd and NATS without credentials")
     p.add_argument("--trace-file", default=os.environ.get("HPC_TRACE_FILE"),
                    help="append each request's stages here as JSONL (env HPC_TRACE_FILE)")
+    p.add_argument("--processes", type=int, help="frontend processes on the port (default: frontend.processes of "
+                                                  "--config, else one per 4 cores, at most 8)")
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # set by the parent of several processes
+    p.add_argument("--peer-ports", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.processes is not None and a.processes < 1:
+        p.error(f"--processes {a.processes}: expected 1 or more")
     if not a.etcd or not a.nats:
         p.error("--etcd and --nats are required (or HPC_ETCD and HPC_NATS)")
     logging.basicConfig(level=os.environ.get("HPC_LOG_LEVEL", "INFO"),
@@ -72,6 +79,7 @@ def main(argv=None) -> None:
     from frontend.media import MediaPolicy
 
     keys, metrics_need_key = [k.strip() for k in os.environ.get("HPC_API_KEY", "").split(",") if k.strip()], False
+    processes = a.processes
     try:
         if a.config:
             from hpc.config import load_deployment
@@ -80,6 +88,7 @@ def main(argv=None) -> None:
             policy = MediaPolicy.from_config(dep.media)
             keys += dep.frontend.api_keys + api_keys_from_file(dep.frontend.api_key_file)
             metrics_need_key = dep.frontend.metrics_need_key
+            processes = processes or dep.frontend.processes
         else:
             from hpc.config import Media
 
@@ -90,18 +99,33 @@ def main(argv=None) -> None:
     port = a.port or free_port()
     shown = a.host if a.host not in ("0.0.0.0", "::") else (os.environ.get("HPC_ADVERTISE_HOST")
                                                              or socket.gethostname())
+    ready_line = f"{READY} http://{shown}:{port}"
+    processes = processes or default_processes()
+    if a.child is None and processes > 1:  # this process starts the others and waits
+        raw = list(argv if argv is not None else sys.argv[1:])
+        sys.exit(run_parent(raw + ["--port", str(port)], processes, ready_line))
     fe = Frontend(a.deployment, a.etcd, a.nats, a.router, a.model, a.request_timeout, policy,
                   a.trace_file, credentials)
     fe.set_api_keys(keys, metrics_need_key)
-    app = create_app(fe,
-                     on_ready=lambda: print(f"HPC_FRONTEND_READY http://{shown}:{port}", flush=True))
+    sockets = None
+    if a.child is not None:
+        ports = [int(x) for x in a.peer_ports.split(",")]
+        fe.peers = Peers(a.child, ports, keys[0] if keys else None)
+        sockets = [reuseport_socket(a.host, port), reuseport_socket("127.0.0.1", ports[a.child])]
+        ready_line = CHILD_READY
+    app = create_app(fe, on_ready=lambda: print(ready_line, flush=True))
     try:
         # uvloop and httptools; no access log, proxy-header rewriting or server header: work per request that
         # nothing here reads.
-        uvicorn.run(app, host=a.host, port=port, log_level="warning", loop="uvloop", http="httptools",
-                    access_log=False, proxy_headers=False, server_header=False, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, host=a.host, port=port, log_level="warning", loop="uvloop", http="httptools",
+                                access_log=False, proxy_headers=False, server_header=False,
+                                timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=sockets)
     except SystemExit as e:
         sys.exit(e.code)
+    except OSError as e:  # the port is taken, most often
+        print(f"error: frontend on {a.host}:{port}: {e.strerror}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from frontend.generation import GenerationApp
 from frontend.media import MediaPolicy
 from frontend.tracing import SpanExporter
 from frontend.preprocess import ModelFiles, StopStrings
+from frontend.processes import merge_metrics
 from frontend.router import LoadBoard, make_router
 from hpc.runtime.client import ServingClient
 from hpc.runtime.protocol import Sampling, decode_reply
@@ -59,19 +60,25 @@ class RecentWindow:
             while q and q[0][0] < now - self.seconds:
                 q.popleft()
 
-    def summary(self) -> dict:
-        now = time.monotonic()
-        self._trim(now)
+    def raw(self) -> dict:
+        """The window's samples, to pool with other processes' (frontend/processes.py)."""
+        self._trim(time.monotonic())
+        return {"ttft": [v for _, v in self.ttft], "itl": [v for _, v in self.itl],
+                "done": [good for _, good in self.done]}
 
-        def pct(q, p):
-            values = sorted(v for _, v in q)
+    def summary(self, others: list[dict] = ()) -> dict:
+        """The last minute, pooled with other processes' samples (`raw()`), if any."""
+        pooled = [self.raw(), *others]
+        ttft, itl, done = ([x for r in pooled for x in r[k]] for k in ("ttft", "itl", "done"))
+
+        def pct(values, p):
+            values = sorted(values)
             return round(1000 * values[min(len(values) - 1, int(p * len(values)))], 2) if values else None
 
-        failed = sum(1 for _, good in self.done if not good)
-        return {"window_s": self.seconds, "requests": len(self.done), "errors": failed,
-                "req_s": round(len(self.done) / self.seconds, 3), "ttft_p50_ms": pct(self.ttft, 0.5),
-                "ttft_p99_ms": pct(self.ttft, 0.99), "itl_p50_ms": pct(self.itl, 0.5),
-                "itl_p99_ms": pct(self.itl, 0.99)}
+        return {"window_s": self.seconds, "requests": len(done), "errors": done.count(False),
+                "req_s": round(len(done) / self.seconds, 3), "ttft_p50_ms": pct(ttft, 0.5),
+                "ttft_p99_ms": pct(ttft, 0.99), "itl_p50_ms": pct(itl, 0.5), "itl_p99_ms": pct(itl, 0.99),
+                "processes": [len(r["done"]) for r in pooled]}  # requests per frontend process that answered
 
 
 class Traces:
@@ -122,6 +129,7 @@ class Frontend:
         self.spans = SpanExporter.from_env(deployment)  # OTLP, when an endpoint is configured
         self.api_keys: tuple[bytes, ...] = ()
         self.metrics_need_key = False
+        self.peers = None  # frontend/processes.py: the other processes on this port, when there are several
 
     def set_api_keys(self, keys: list[str], metrics_need_key: bool = False) -> None:
         self.api_keys = tuple(k.encode() for k in keys if k)
@@ -308,13 +316,21 @@ def control_app(fe: Frontend, on_ready: Callable[[], None] | None = None) -> Fas
         return JSONResponse({"status": "ready" if ready else "not ready", "models": status},
                             status_code=200 if ready else 503)
 
+    # With several frontend processes, any of them answers for all (local=1: its own share, for the others).
     @app.get("/stats")
-    async def stats():  # the last minute, for `hpc status`
-        return fe.recent.summary()
+    async def stats(local: bool = False):  # the last minute, for `hpc status`
+        if local:
+            return fe.recent.raw()
+        return fe.recent.summary(await fe.peers.gather_json("/stats?local=1") if fe.peers else [])
 
     @app.get("/stats/requests")
-    async def requests(window: float = 60.0):  # for `hpc diagnose`: each request's stages
-        return {"window_s": window, "requests": fe.traces.since(window)}
+    async def requests(window: float = 60.0, local: bool = False):  # for `hpc diagnose`: each request's stages
+        records = fe.traces.since(window)
+        if fe.peers and not local:
+            for other in await fe.peers.gather_json(f"/stats/requests?window={window}&local=1"):
+                records += other["requests"]
+            records.sort(key=lambda r: r["time"])
+        return {"window_s": window, "requests": records}
 
     @app.get("/stats/workers")
     async def workers():  # for `hpc diagnose`: where each worker runs and what it last reported
@@ -330,8 +346,11 @@ def control_app(fe: Frontend, on_ready: Callable[[], None] | None = None) -> Fas
         return out
 
     @app.get("/metrics")
-    async def metrics():
-        return Response(generate_latest(fe.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(local: bool = False):
+        own = generate_latest(fe.metrics.registry)
+        if fe.peers and not local:
+            own = merge_metrics([own.decode(), *await fe.peers.gather_text("/metrics?local=1")]).encode()
+        return Response(own, media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -313,3 +313,35 @@ def test_stop_sequences_are_bounded(stacks):
     r = httpx.post(f"{stacks['agg'].url}/v1/completions", timeout=10,
                    json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "stop": ["x" * 300]})
     assert r.status_code == 400 and "at most 256 characters" in r.json()["error"]["message"]
+
+
+def test_several_frontend_processes_share_the_port_and_one_view(tmp_path, tiny_model):
+    """frontend.processes: 3 on one port (SO_REUSEPORT): fresh connections spread over the processes, /stats and
+    /metrics count every process's requests, and stopping the frontend leaves no process behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = tmp_path / "multi.yaml"
+    cfg.write_text((REPO / "configs" / "tiny-mocker.yaml").read_text().replace("name: tiny-mocker", "name: multi-fe")
+                   .replace("engines/tiny/", f"{REPO}/configs/engines/tiny/") + "frontend: {processes: 3}\n")
+    os.environ["HPC_MODEL_DIR"] = str(tiny_model)
+    local = LocalDeployment(load_deployment(cfg), tmp_path / "state", lease_ttl=2)
+    local.start()
+    try:
+        def ask(i):  # a new connection each time, as many clients make them
+            r = httpx.post(f"{local.url}/v1/completions", json={"model": "mock-llama", "prompt": f"hello {i}",
+                                                                 "max_tokens": 4}, timeout=30)
+            return r.status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(ask, range(60))) == [200] * 60
+        stats = httpx.get(f"{local.url}/stats", timeout=10).json()
+        assert stats["requests"] == 60 and len(stats["processes"]) == 3 and sum(stats["processes"]) == 60
+        assert sum(1 for n in stats["processes"] if n) >= 2, stats  # the kernel spread the connections
+        assert len(httpx.get(f"{local.url}/stats/requests", timeout=10).json()["requests"]) == 60
+        metrics = httpx.get(f"{local.url}/metrics", timeout=10).text
+        assert 'hpc_frontend_requests_total{status="200"} 60.0' in metrics
+        assert "hpc_frontend_ttft_seconds_count 60.0" in metrics
+    finally:
+        assert local.stop() == []
+    left = subprocess.run(["pgrep", "-f", "frontend.*--child"], capture_output=True, text=True).stdout
+    assert left == "", f"frontend processes left behind: {left}"

@@ -219,7 +219,7 @@ class TorchEngine:
         return encode_with(self.vision, self.image_processing, self.device, images)
 
     def _stream(self, seq: _Seq) -> AsyncIterator[TokenOutput]:
-        return stream_until_finished(seq.out.get, lambda: self.cancel(seq.id))
+        return stream_until_finished(seq.out, lambda: self.cancel(seq.id))
 
     def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]:
         self._check(req, req.sampling.max_tokens)

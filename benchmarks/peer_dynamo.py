@@ -1,0 +1,165 @@
+"""hpc's frontend against NVIDIA Dynamo's, side by side, in one run: both with mocker workers that take no time.
+
+    python benchmarks/peer_dynamo.py [--dynamo-python PATH] [--concurrency 1,16,64] [--requests 400] [--rounds 3]
+                                     [--processes N]
+
+Installs nothing. It needs Dynamo importable by `--dynamo-python` (default: this interpreter), e.g. in a venv of
+its own:
+
+    python3 -m venv dyn && dyn/bin/pip install ai-dynamo-runtime==1.6.1 && dyn/bin/pip install --no-deps \\
+        ai-dynamo==1.6.1 && dyn/bin/pip install packaging pyyaml msgspec zstandard
+
+Dynamo: etcd and NATS on loopback, `python -m dynamo.frontend` and `python -m dynamo.mocker --speedup-ratio 10000`
+(its own defaults otherwise). hpc: `hpc serve`'s local stack with one aggregated mocker worker of zero simulated
+time, and `--processes` frontend processes (default: frontend.processes' default for this machine). The same tiny
+model (tokenizer), the same distinct 32-token prompts, 16 output tokens, the same load generator (`hpc bench`'s).
+
+At each concurrency the two stacks take turns, round by round, the first alternating, so both see the same
+machine; each row pools its rounds. Prints both tables and writes benchmarks/results/peer_dynamo.json."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import table, write_result  # noqa: E402
+from benchmarks.frontend import ZERO  # noqa: E402
+from engines.torch.tiny import make_tiny_model  # noqa: E402
+from frontend.processes import default_processes  # noqa: E402
+from hpc import bench  # noqa: E402
+from hpc.config import load_deployment  # noqa: E402
+from hpc.procs import Pid, free_port, stop  # noqa: E402
+from hpc.serve import LocalDeployment  # noqa: E402
+from hpc.services import start_etcd, start_nats  # noqa: E402
+
+OSL, ISL = 16, 32
+
+
+def dynamo_missing(python: str) -> str | None:
+    probe = subprocess.run([python, "-c", "import dynamo.frontend, dynamo.mocker"], capture_output=True, text=True)
+    return None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["not importable"])[-1]
+
+
+def wait_for_model(url: str, timeout: float = 120) -> str:
+    """The model name a frontend lists once a worker has registered."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as r:
+                data = json.load(r).get("data") or []
+            if data:
+                return data[0]["id"]
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"no model at {url} after {timeout:.0f} s")
+
+
+class DynamoStack:
+    def __init__(self, python: str, model: Path, work: Path):
+        self.etcd = start_etcd(work / "etcd")
+        self.nats = start_nats(work / "nats")
+        env = {**os.environ, "ETCD_ENDPOINTS": self.etcd.url, "NATS_SERVER": self.nats.url}
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        logs = work / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.procs = [
+            subprocess.Popen([python, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
+                              "--discovery-backend", "etcd"], env=env, stdout=open(logs / "frontend.log", "w"),
+                             stderr=subprocess.STDOUT),
+            subprocess.Popen([python, "-m", "dynamo.mocker", "--model-path", str(model), "--speedup-ratio", "10000",
+                              "--discovery-backend", "etcd"], env=env, stdout=open(logs / "mocker.log", "w"),
+                             stderr=subprocess.STDOUT)]
+        self.model = wait_for_model(self.url)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            stop(Pid.of(p.pid), popen=p)
+        self.nats.stop()
+        self.etcd.stop()
+
+
+def hpc_stack(model: Path, work: Path, processes: int) -> LocalDeployment:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "zero.yaml").write_text(ZERO + "max_batch_size: 256\n")
+    cfg = work / "peer-hpc.yaml"
+    cfg.write_text(f"name: peer-hpc\nmodel: {{path: {model}, served_name: mock}}\ncluster: {{gpus_per_node: 0}}\n"
+                   f"frontend: {{processes: {processes}}}\n"
+                   f"workers:\n  aggregated: {{engine: mocker, engine_config: zero.yaml}}\n")
+    local = LocalDeployment(load_deployment(cfg), work / "hpc-state")
+    local.start()
+    return local
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dynamo-python", default=sys.executable)
+    p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--requests", type=int, default=400, help="per stack, level and round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--processes", type=int, default=default_processes(), help="hpc frontend processes")
+    p.add_argument("--name", default="peer_dynamo", help="result file name (without .json)")
+    args = p.parse_args()
+    missing = dynamo_missing(args.dynamo_python)
+    if missing:
+        print(f"Dynamo is not importable by {args.dynamo_python} ({missing}); this script installs nothing. "
+              f"See its docstring for the install.", file=sys.stderr)
+        sys.exit(2)
+    work = Path(tempfile.mkdtemp(prefix="hpc-peer-dynamo-"))
+    model = make_tiny_model(work / "model")
+    dyn = DynamoStack(args.dynamo_python, model, work / "dynamo")
+    try:
+        ours = hpc_stack(model, work / "hpc", args.processes)
+        try:
+            stacks = {"dynamo 1.6.1": (dyn.url, dyn.model), f"hpc ({args.processes} frontend processes)":
+                      (ours.url, "mock")}
+            rows = asyncio.run(compare(stacks, [int(c) for c in args.concurrency.split(",")], args))
+        finally:
+            ours.stop()
+    finally:
+        dyn.stop()
+    path = write_result(args.name, rows, {"osl": OSL, "isl": ISL, "rounds": args.rounds,
+                                              "cpu_cores": os.cpu_count(), "hpc_frontend_processes": args.processes})
+    print(table(rows, ["stack", "concurrency", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms",
+                       "req_s", "output_tok_s"]))
+    for c in sorted({r["concurrency"] for r in rows}):
+        a, b = [r for r in rows if r["concurrency"] == c]
+        print(f"concurrency {c}: {b['stack']} TTFT p50 {b['ttft_p50_ms']} ms, {b['req_s']} req/s; "
+              f"{a['stack']} {a['ttft_p50_ms']} ms, {a['req_s']} req/s; req/s ratio {b['req_s'] / a['req_s']:.2f}")
+    print(f"Written to {path}")
+
+
+async def compare(stacks: dict, levels: list[int], args) -> list[dict]:
+    rows = []
+    for c in levels:
+        pooled = {name: ([], 0.0) for name in stacks}
+        for rnd in range(args.rounds):
+            order = list(stacks) if rnd % 2 == 0 else list(reversed(stacks))
+            for name in order:
+                url, model = stacks[name]
+                prompts = bench.make_prompts(args.requests, ISL, 10, 500, seed=1000 * c + rnd)
+                if rnd == 0:
+                    await bench.level(url, model, prompts[:20], OSL, c, 60)  # warm-up
+                results, wall = await bench.level(url, model, prompts, OSL, c, 60)
+                pooled[name] = (pooled[name][0] + results, pooled[name][1] + wall)
+        for name, (results, wall) in pooled.items():
+            row = {"stack": name, **bench.summarize(c, results, wall)}
+            rows.append(row)
+            print({k: row[k] for k in ("stack", "concurrency", "errors", "ttft_p50_ms", "ttft_p99_ms", "req_s")},
+                  flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
