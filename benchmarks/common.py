@@ -43,7 +43,7 @@ def write_result(name: str, rows: list[dict], meta: dict) -> Path:
 
 
 def table(rows: list[dict], columns: list[str]) -> str:
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
     lines = [" | ".join(c.rjust(widths[c]) for c in columns), "-+-".join("-" * widths[c] for c in columns)]
-    lines += [" | ".join(str(r[c]).rjust(widths[c]) for c in columns) for r in rows]
+    lines += [" | ".join(str(r.get(c, "")).rjust(widths[c]) for c in columns) for r in rows]
     return "\n".join(lines)

@@ -45,6 +45,7 @@ class TorchEngineOptions:
     enable_block_reuse: bool = True  # prefix caching (engines/prefix_cache.py)
     cuda_graphs: bool = False  # decode steps as CUDA graphs (engines/torch/graphs.py); on GPUs only
     paged_attention: bool = True  # decode attention from the paged pool (a Triton kernel), where Triton and a GPU are
+    fused_rope: bool = True  # rotary embedding and KV write as one Triton kernel a layer, where Triton and a GPU are
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -129,6 +130,8 @@ class TorchEngine:
         self.image_processing = (ImageProcessing.from_dir(Path(model_dir), self.vision.config) if self.vision
                                  else None)
         self.paged = o.paged_attention and paged_attention.available(self.device)
+        if o.fused_rope and paged_attention.available(self.device):
+            model.use_fused_rope()
         self.graphs = None
         usable = self.num_blocks
         if o.cuda_graphs and self.device.type == "cuda" and (tp is None or tp.size == 1):

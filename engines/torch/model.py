@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from engines.torch.paged_attention import paged_decode
+from engines.torch.rotary import rope_and_store
 
 
 @dataclass(frozen=True)
@@ -145,18 +146,25 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.qkv_proj: nn.Linear | None = None  # q, k and v in one matrix, once fuse_projections has run
 
-    def forward(self, x, cos, sin, layer: int, seqs: list[SeqBatch], pool: torch.Tensor, slot_block, slot_off,
+    def forward(self, x, rope: tuple, layer: int, seqs: list[SeqBatch], pool: torch.Tensor, slot_block, slot_off,
                 decode: DecodeBatch | None = None):
+        """`rope`: ("table", cos, sin) of each token, or ("fused", positions, inv_freq) for rotary.py's kernel."""
         t = x.shape[0]
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split([self.h * self.hd, self.kvh * self.hd, self.kvh * self.hd], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = q.view(t, self.h, self.hd), k.reshape(t, self.kvh, self.hd), v.reshape(t, self.kvh, self.hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        pool[slot_block, layer, 0, slot_off] = k
-        pool[slot_block, layer, 1, slot_off] = v
+        q, k, v = q.view(t, self.h, self.hd), k.view(t, self.kvh, self.hd), v.view(t, self.kvh, self.hd)
+        if rope[0] == "fused":
+            rope_and_store(q, k, v, rope[1], rope[2], pool, layer, slot_block, slot_off)
+        else:
+            _, cos, sin = rope
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            pool[slot_block, layer, 0, slot_off] = k
+            pool[slot_block, layer, 1, slot_off] = v
+        if decode is not None and not seqs and decode.rows.shape[0] == t:  # decode only: no scatter needed
+            return self.o_proj(self._attend_decode(q, pool, layer, decode).reshape(t, self.h * self.hd))
         out = torch.empty_like(q)
         for s in seqs:
             sl = slice(s.start, s.start + s.length)
@@ -267,6 +275,11 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.tp = None  # engines.torch.parallel.TensorParallel once sharded
+        self.fused_rope = False  # rotary.py's kernel for the rotation and the KV write (GPUs with Triton)
+
+    def use_fused_rope(self) -> None:
+        self.inv_freq_f32 = self.inv_freq.float().contiguous()  # the values the PyTorch path uses
+        self.fused_rope = True
 
     def kv_block_shape(self, block_size: int) -> tuple[int, ...]:
         """One block of this rank's KV heads (all of them without tensor parallelism)."""
@@ -284,13 +297,16 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if embeds is not None:
             x[embeds[0]] = embeds[1].to(x.dtype)
-        freqs = positions[:, None].float() * self.inv_freq.float()[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+        if self.fused_rope and x.is_cuda:
+            rope = ("fused", positions, self.inv_freq_f32)
+        else:
+            freqs = positions[:, None].float() * self.inv_freq.float()[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            rope = ("table", emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :])
         reduce = self.tp.all_reduce if self.tp is not None else (lambda t: t)
         for i, layer in enumerate(self.model.layers):
             h = layer.input_layernorm(x)
-            x = x + reduce(layer.self_attn(h, cos, sin, i, seqs, pool, slot_block, slot_off, decode))
+            x = x + reduce(layer.self_attn(h, rope, i, seqs, pool, slot_block, slot_off, decode))
             x = x + reduce(layer.mlp(layer.post_attention_layernorm(x)))
         x = self.model.norm(x[logits_index])
         return self.lm_head(x).float()
