@@ -19,7 +19,7 @@ from typing import AsyncIterator
 import torch
 
 from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStats, KvLayout, OutputStream,
-                          PrefillOutput, TokenOutput, blocks_for, content_keys, stream_until_finished)
+                          PrefillOutput, StepOutputs, TokenOutput, blocks_for, content_keys, stream_until_finished)
 from engines.sampling import sample
 from engines.torch import paged_attention
 from engines.torch.loader import load_model, load_vision, random_model, read_config, resolve_dtype
@@ -45,7 +45,7 @@ class TorchEngineOptions:
     enable_block_reuse: bool = True  # prefix caching (engines/prefix_cache.py)
     cuda_graphs: bool = False  # decode steps as CUDA graphs (engines/torch/graphs.py); on GPUs only
     paged_attention: bool = True  # decode attention from the paged pool (a Triton kernel), where Triton and a GPU are
-    fused_rope: bool = True  # rotary embedding and KV write as one Triton kernel a layer, where Triton and a GPU are
+    fused_kernels: bool = True  # rotary + KV write, residual + RMSNorm, SiLU x up as Triton kernels (GPU + Triton)
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -130,8 +130,8 @@ class TorchEngine:
         self.image_processing = (ImageProcessing.from_dir(Path(model_dir), self.vision.config) if self.vision
                                  else None)
         self.paged = o.paged_attention and paged_attention.available(self.device)
-        if o.fused_rope and paged_attention.available(self.device):
-            model.use_fused_rope()
+        if o.fused_kernels and paged_attention.available(self.device):
+            model.use_fused_kernels()
         self.graphs = None
         usable = self.num_blocks
         if o.cuda_graphs and self.device.type == "cuda" and (tp is None or tp.size == 1):
@@ -148,6 +148,7 @@ class TorchEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._outputs: StepOutputs | None = None  # a step's outputs, handed to the loop together
         self._prompt_tokens = self._reused_tokens = 0
         self._generated_tokens = 0
 
@@ -160,6 +161,7 @@ class TorchEngine:
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._outputs = StepOutputs(loop)
         self._thread = threading.Thread(target=self._run, name="torch-engine", daemon=True)
         self._thread.start()
 
@@ -190,7 +192,7 @@ class TorchEngine:
             raise EngineError(f"the request needs {need} KV blocks; the pool holds {self.num_blocks}")
 
     def _submit(self, req: EngineRequest, mode: str, reserve: int, tokens: list[int] | None = None) -> _Seq:
-        seq = _Seq(req, mode, list(tokens or req.prompt), len(req.prompt), reserve, OutputStream(self._loop),
+        seq = _Seq(req, mode, list(tokens or req.prompt), len(req.prompt), reserve, OutputStream(self._loop, self._outputs),
                    keys=content_keys(req.prompt, req.images))
         if req.images:
             seq.image_pos = torch.cat([torch.arange(im.offset, im.offset + im.length) for im in req.images])
@@ -246,7 +248,8 @@ class TorchEngine:
                num_tokens: int) -> AsyncIterator[TokenOutput]:
         """Continue a request whose prompt KV (num_tokens) is already in `block_ids`."""
         self._check(req)
-        seq = _Seq(req, "decode", list(req.prompt) + [first_token], len(req.prompt), 0, OutputStream(self._loop),
+        seq = _Seq(req, "decode", list(req.prompt) + [first_token], len(req.prompt), 0,
+                   OutputStream(self._loop, self._outputs),
                    num_computed=num_tokens, generated=1, blocks=list(block_ids))
         self._inbox.put(("add", seq))
         return self._stream(seq)
@@ -307,7 +310,8 @@ class TorchEngine:
         if not batch:
             return
         try:
-            self._step(batch)
+            with self._outputs.collecting():
+                self._step(batch)
         except Exception as e:  # a failing forward pass ends its requests with the error, not the engine
             log.exception("engine step failed")
             for seq, _ in batch:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from engines.torch.paged_attention import paged_decode
+from engines.torch.fused import add_rms_norm, silu_mul
 from engines.torch.rotary import rope_and_store
 
 
@@ -275,11 +276,11 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.tp = None  # engines.torch.parallel.TensorParallel once sharded
-        self.fused_rope = False  # rotary.py's kernel for the rotation and the KV write (GPUs with Triton)
+        self.fused = False  # the Triton kernels of rotary.py and fused.py (GPUs with Triton; after fuse_projections)
 
-    def use_fused_rope(self) -> None:
+    def use_fused_kernels(self) -> None:
         self.inv_freq_f32 = self.inv_freq.float().contiguous()  # the values the PyTorch path uses
-        self.fused_rope = True
+        self.fused = True
 
     def kv_block_shape(self, block_size: int) -> tuple[int, ...]:
         """One block of this rank's KV heads (all of them without tensor parallelism)."""
@@ -297,17 +298,30 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if embeds is not None:
             x[embeds[0]] = embeds[1].to(x.dtype)
-        if self.fused_rope and x.is_cuda:
+        reduce = self.tp.all_reduce if self.tp is not None else (lambda t: t)
+        layers = self.model.layers
+        if self.fused and x.is_cuda:  # the Triton kernels: rotary.py, fused.py
             rope = ("fused", positions, self.inv_freq_f32)
+            h = add_rms_norm(x, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
+            for i, layer in enumerate(layers):
+                a = reduce(layer.self_attn(h, rope, i, seqs, pool, slot_block, slot_off, decode))
+                norm = layer.post_attention_layernorm
+                h = add_rms_norm(a, norm.weight, norm.eps, residual=x)  # x += a; h = norm(x)
+                m = layer.mlp
+                out = reduce(m.down_proj(silu_mul(m.gate_up_proj(h))))
+                if i + 1 < len(layers):
+                    norm = layers[i + 1].input_layernorm
+                    h = add_rms_norm(out, norm.weight, norm.eps, residual=x)
+                else:
+                    x = x + out
         else:
             freqs = positions[:, None].float() * self.inv_freq.float()[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
             rope = ("table", emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :])
-        reduce = self.tp.all_reduce if self.tp is not None else (lambda t: t)
-        for i, layer in enumerate(self.model.layers):
-            h = layer.input_layernorm(x)
-            x = x + reduce(layer.self_attn(h, rope, i, seqs, pool, slot_block, slot_off, decode))
-            x = x + reduce(layer.mlp(layer.post_attention_layernorm(x)))
+            for i, layer in enumerate(layers):
+                h = layer.input_layernorm(x)
+                x = x + reduce(layer.self_attn(h, rope, i, seqs, pool, slot_block, slot_off, decode))
+                x = x + reduce(layer.mlp(layer.post_attention_layernorm(x)))
         x = self.model.norm(x[logits_index])
         return self.lm_head(x).float()
 
