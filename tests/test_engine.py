@@ -268,3 +268,23 @@ async def test_prefix_caching_reuses_blocks_and_changes_no_token(model_dir):
         # 4 full shared blocks (64 tokens) for the 2nd and 3rd prompt, 2 for the 4th, 6 for the repeated prefill
         assert stats.reused_prompt_tokens == (16 * (4 + 4 + 2 + 6) if reuse else 0)
     assert answers[True] == answers[False]
+
+
+async def test_outputs_already_waiting_leave_as_one():
+    """An engine that runs ahead of its consumer: the waiting outputs go out as one (one message, not one per
+    token), with the first's timing and cached count and the last's finish."""
+    from engines.base import TokenOutput, stream_until_finished
+
+    q = asyncio.Queue()
+    q.put_nowait(TokenOutput([1], cached_tokens=16, timing={"queue": 0.1}))
+    for t in (2, 3):
+        q.put_nowait(TokenOutput([t]))
+    cancelled = []
+    stream = stream_until_finished(q, lambda: cancelled.append(True))
+    first = await stream.__anext__()
+    assert first.token_ids == [1, 2, 3] and first.cached_tokens == 16 and first.timing == {"queue": 0.1}
+    q.put_nowait(TokenOutput([4]))
+    q.put_nowait(TokenOutput([5], "length"))
+    q.put_nowait(TokenOutput([99]))  # after the finish: never read
+    assert [(o.token_ids, o.finish_reason) async for o in stream] == [([4, 5], "length")]
+    assert cancelled == []

@@ -345,3 +345,28 @@ def test_several_frontend_processes_share_the_port_and_one_view(tmp_path, tiny_m
         assert local.stop() == []
     left = subprocess.run(["pgrep", "-f", "frontend.*--child"], capture_output=True, text=True).stdout
     assert left == "", f"frontend processes left behind: {left}"
+
+
+def test_metrics_of_several_processes_merge_into_one_exposition():
+    """Counters and histograms summed, `_created` the earliest, a worker's queue depth (heard by every process)
+    the largest; the result parses as Prometheus text."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from frontend.processes import merge_metrics
+
+    texts = []
+    for served, depth in ((3, 2), (5, 7)):
+        r = CollectorRegistry()
+        Counter("hpc_frontend_requests", "Requests", ["status"], registry=r).labels("200").inc(served)
+        h = Histogram("hpc_frontend_ttft_seconds", "TTFT", registry=r, buckets=(0.01, 0.1))
+        for _ in range(served):
+            h.observe(0.05)
+        Gauge("hpc_worker_queue_depth", "Depth", ["worker"], registry=r).labels("w0").set(depth)
+        texts.append(generate_latest(r).decode())
+    merged = {s.name + str(sorted(s.labels.items())): s.value
+              for fam in text_string_to_metric_families(merge_metrics(texts)) for s in fam.samples}
+    assert merged["hpc_frontend_requests_total[('status', '200')]"] == 8
+    assert merged["hpc_frontend_ttft_seconds_count[]"] == 8
+    assert merged["hpc_frontend_ttft_seconds_bucket[('le', '0.1')]"] == 8
+    assert merged["hpc_worker_queue_depth[('worker', 'w0')]"] == 7

@@ -21,15 +21,21 @@ def bucket(n: int, sizes) -> int | None:
 
 
 class _Graph:
+    """One captured bucket. Its inputs are views of one device buffer, filled each step from one pinned host
+    buffer by one copy: ids, positions, KV slots, context lengths, block table."""
+
     def __init__(self, batch: int, width: int, block_size: int, device: torch.device, scratch: int):
-        self.batch, self.width = batch, width
-        self.ids = torch.zeros(batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
-        self.slot_block = torch.full((batch,), scratch, dtype=torch.long, device=device)
-        self.slot_off = torch.zeros(batch, dtype=torch.long, device=device)
-        self.table = torch.full((batch, width), scratch, dtype=torch.long, device=device)
+        self.batch, self.width, self.scratch = batch, width, scratch
+        size = 5 * batch + batch * width
+        self.host = torch.zeros(size, dtype=torch.long, pin_memory=True)
+        self.host_np = self.host.numpy()
+        self.dev = torch.zeros(size, dtype=torch.long, device=device)
+        self.ids, self.positions, self.slot_block, self.slot_off, self.lengths = self.dev[: 5 * batch].view(5, batch)
+        self.table = self.dev[5 * batch:].view(batch, width)
+        self.slot_block.fill_(scratch)
+        self.table.fill_(scratch)
+        self.lengths.fill_(1)
         self.mask = torch.zeros((batch, 1, 1, width * block_size), dtype=torch.bool, device=device)
-        self.lengths = torch.ones(batch, dtype=torch.long, device=device)
         self.rows = torch.arange(batch, device=device)
         self.graph = torch.cuda.CUDAGraph()
         self.logits: torch.Tensor | None = None
@@ -56,28 +62,26 @@ class DecodeGraphs:
         n = len(ids)
         width = max(len(t) for t in tables)
         g = self._graph(bucket(n, self.batch_sizes), 1 << (width - 1).bit_length())
-        bs = self.bs
-        dev = self.device
-        table = torch.full((g.batch, g.width), self.scratch, dtype=torch.long)
+        bs, b = self.bs, g.batch
+        # Filled with numpy in pinned memory, moved by one asynchronous copy: building these as torch tensors
+        # with six pageable copies took 0.4 ms of host time a step at batch 1 and 0.9 ms at 16 (H100).
+        h = g.host_np
+        h[: 5 * b] = 0
+        h[b: 2 * b][:n] = positions
+        h[:n] = ids
+        h[2 * b: 3 * b] = self.scratch  # padding rows write their KV to the scratch block and attend to it only
+        h[2 * b: 2 * b + n] = [t[p // bs] for t, p in zip(tables, positions)]
+        h[3 * b: 3 * b + n] = [p % bs for p in positions]
+        h[4 * b: 5 * b] = 1
+        h[4 * b: 4 * b + n] = [p + 1 for p in positions]
+        table = h[5 * b:].reshape(b, g.width)
+        table.fill(self.scratch)
         for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        lengths = torch.ones(g.batch, dtype=torch.long)  # padding rows attend to their one scratch slot
-        lengths[:n] = torch.tensor(positions, dtype=torch.long) + 1
-        pos = torch.zeros(g.batch, dtype=torch.long)
-        pos[:n] = torch.tensor(positions, dtype=torch.long)
-        slot_block = torch.full((g.batch,), self.scratch, dtype=torch.long)
-        slot_block[:n] = torch.tensor([t[p // bs] for t, p in zip(tables, positions)], dtype=torch.long)
-        token = torch.zeros(g.batch, dtype=torch.long)
-        token[:n] = torch.tensor(ids, dtype=torch.long)
-        # One host-to-device copy per buffer; the mask is built on the device from the lengths.
-        g.ids.copy_(token, non_blocking=True)
-        g.positions.copy_(pos, non_blocking=True)
-        g.slot_block.copy_(slot_block, non_blocking=True)
-        g.slot_off.copy_(torch.where(torch.arange(g.batch) < n, pos % bs, 0), non_blocking=True)
-        g.table.copy_(table, non_blocking=True)
-        g.lengths.copy_(lengths, non_blocking=True)
+            table[i, : len(t)] = t
+        g.dev.copy_(g.host, non_blocking=True)
         if not self.paged:  # the paged kernel reads the lengths; the gather + SDPA path needs the mask
-            g.mask.copy_((torch.arange(g.width * bs, device=dev)[None, :] < g.lengths[:, None])[:, None, None, :])
+            g.mask.copy_((torch.arange(g.width * bs, device=self.device)[None, :] < g.lengths[:, None])
+                         [:, None, None, :])
         g.graph.replay()
         self.replays += 1
         return g.logits[:n]

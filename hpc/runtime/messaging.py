@@ -51,6 +51,7 @@ class Bus:
     def __init__(self, nc):
         self.nc = nc
         self._tasks: set[asyncio.Task] = set()
+        self._started = 0  # handlers started so far: drain_handlers watches for late arrivals
         self._subs = []
         self._mux_prefix = ""  # the replies inbox, opened by connect()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -80,6 +81,7 @@ class Bus:
 
             task = asyncio.create_task(handler(msg.data, reply))
             self._tasks.add(task)
+            self._started += 1
             task.add_done_callback(self._done)
 
         self._subs.append(await self.nc.subscribe(subject, cb=on_message))
@@ -98,12 +100,20 @@ class Bus:
             await sub.unsubscribe()
         self._subs.clear()
 
-    async def drain_handlers(self, timeout: float) -> int:
-        """Wait for running handlers, those that start meanwhile too, up to `timeout`; returns how many were still
-        running (then cancelled)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self._tasks and (remaining := deadline - asyncio.get_running_loop().time()) > 0:
-            await asyncio.wait(list(self._tasks), timeout=remaining)
+    async def drain_handlers(self, timeout: float, quiet: float = 0.5) -> int:
+        """Wait for running handlers, those that start meanwhile too, until none has started for `quiet` seconds
+        (a router that has not yet seen a draining mark may still send one), up to `timeout`; returns how many
+        were still running (then cancelled)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (remaining := deadline - loop.time()) > 0:
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=remaining)
+                continue
+            started = self._started
+            await asyncio.sleep(min(quiet, remaining))
+            if not self._tasks and self._started == started:
+                break
         left = list(self._tasks)
         for t in left:
             t.cancel()
