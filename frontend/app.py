@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 from collections import deque
 from typing import AsyncIterator, Callable
@@ -107,8 +108,12 @@ class Traces:
                 await asyncio.to_thread(self._append, lines)
 
     def _append(self, lines: list[str]) -> None:
-        with open(self.path, "a") as f:
-            f.write("\n".join(lines) + "\n")
+        # One write() to an O_APPEND file: the lines of several frontend processes never interleave.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, ("\n".join(lines) + "\n").encode())
+        finally:
+            os.close(fd)
 
 
 class Frontend:
