@@ -57,6 +57,15 @@ def start_worker(log_dir: Path, role: str, model: Path, etcd: str, nats: str, de
 HPC = [sys.executable, "-m", "hpc"]
 
 
+def config_variant(source: str, name: str, out_dir: Path, extra: str = "") -> Path:
+    """configs/SOURCE.yaml renamed NAME, written to OUT_DIR (its engine YAMLs by absolute path), with EXTRA YAML
+    appended."""
+    text = (REPO / "configs" / f"{source}.yaml").read_text().replace(f"name: {source}", f"name: {name}")
+    path = out_dir / f"{name}.yaml"
+    path.write_text(text.replace("engines/tiny/", f"{REPO}/configs/engines/tiny/") + extra)
+    return path
+
+
 def hpc(args: list[str], env: dict, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
     """The `hpc` CLI as a user runs it, from the repository root."""
     out = subprocess.run(HPC + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)

@@ -17,7 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from harness import hpc, squeue
+from harness import config_variant, hpc, squeue
 from hpc import bench
 from test_operations import client, component, kill, processes, status_json, wait_for
 from test_slurm import chat, wait_gone
@@ -98,10 +98,7 @@ def _serves(url: str) -> bool:
 def test_kv_never_read_is_freed_after_release_after_and_a_dead_kv_owner_fails_the_decode(env, work_dir):
     """A prefill result whose KV no decode worker reads (so no NIXL notification): the prefill worker frees the
     blocks after transfer.release_after_s. A decode request whose KV owner is gone: a clean error, no hang."""
-    cfg = work_dir / "release.yaml"
-    cfg.write_text((REPO / "configs" / "tiny-disagg.yaml").read_text().replace("name: tiny-disagg", "name: release")
-                   .replace("engines/tiny/", f"{REPO}/configs/engines/tiny/")
-                   + "transfer: {release_after_s: 2, timeout_s: 5}\n")
+    cfg = config_variant("tiny-disagg", "release", work_dir, "transfer: {release_after_s: 2, timeout_s: 5}\n")
     hpc(["launch", str(cfg), "--nodes", "3", "--port", "0", "--detach"], env)
     try:
         state = json.loads((REPO / ".hpc" / "release.json").read_text())

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from harness import start_worker
+from harness import config_variant, start_worker
 from hpc.config import load_deployment
 from hpc.procs import Pid, free_port, stop
 from hpc.runtime.client import ServingClient
@@ -320,9 +320,7 @@ def test_several_frontend_processes_share_the_port_and_one_view(tmp_path, tiny_m
     /metrics count every process's requests, and stopping the frontend leaves no process behind."""
     from concurrent.futures import ThreadPoolExecutor
 
-    cfg = tmp_path / "multi.yaml"
-    cfg.write_text((REPO / "configs" / "tiny-mocker.yaml").read_text().replace("name: tiny-mocker", "name: multi-fe")
-                   .replace("engines/tiny/", f"{REPO}/configs/engines/tiny/") + "frontend: {processes: 3}\n")
+    cfg = config_variant("tiny-mocker", "multi-fe", tmp_path, "frontend: {processes: 3}\n")
     os.environ["HPC_MODEL_DIR"] = str(tiny_model)
     local = LocalDeployment(load_deployment(cfg), tmp_path / "state", lease_ttl=2)
     local.start()

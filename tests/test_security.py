@@ -18,6 +18,7 @@ import nats
 import openai
 import pytest
 
+from harness import config_variant
 from hpc.config import load_deployment
 from hpc.runtime import discovery
 from hpc.runtime.credentials import Credentials
@@ -33,10 +34,7 @@ def two(tmp_path_factory, tiny_model):
     os.environ["HPC_MODEL_DIR"] = str(tiny_model)
     keyfile = d / "keys"
     keyfile.write_text("# one key per line\nsk-file-key\n")
-    cfg = d / "keyed.yaml"
-    cfg.write_text((REPO / "configs" / "tiny-agg.yaml").read_text().replace("name: tiny-agg", "name: keyed")
-                   .replace("engines/tiny/", f"{REPO}/configs/engines/tiny/")
-                   + f"frontend: {{api_keys: [sk-config-key], api_key_file: {keyfile}}}\n")
+    cfg = config_variant("tiny-agg", "keyed", d, f"frontend: {{api_keys: [sk-config-key], api_key_file: {keyfile}}}\n")
     a = LocalDeployment(load_deployment(cfg), d / "a", lease_ttl=2)
     a.start()
     b = LocalDeployment(load_deployment(REPO / "configs" / "tiny-disagg.yaml"), d / "b", lease_ttl=2)
