@@ -46,7 +46,11 @@ OSL, ISL = 16, 32
 
 
 def dynamo_missing(python: str) -> str | None:
-    probe = subprocess.run([python, "-c", "import dynamo.frontend, dynamo.mocker"], capture_output=True, text=True)
+    try:
+        probe = subprocess.run([python, "-c", "import dynamo.frontend, dynamo.mocker"], capture_output=True,
+                               text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
     return None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["not importable"])[-1]
 
 
@@ -67,27 +71,33 @@ def wait_for_model(url: str, timeout: float = 120) -> str:
 
 class DynamoStack:
     def __init__(self, python: str, model: Path, work: Path):
-        self.etcd = start_etcd(work / "etcd")
-        self.nats = start_nats(work / "nats")
-        env = {**os.environ, "ETCD_ENDPOINTS": self.etcd.url, "NATS_SERVER": self.nats.url}
+        self.etcd = self.nats = None
+        self.procs = []
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         logs = work / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        self.procs = [
-            subprocess.Popen([python, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
-                              "--discovery-backend", "etcd"], env=env, stdout=open(logs / "frontend.log", "w"),
-                             stderr=subprocess.STDOUT),
-            subprocess.Popen([python, "-m", "dynamo.mocker", "--model-path", str(model), "--speedup-ratio", "10000",
-                              "--discovery-backend", "etcd"], env=env, stdout=open(logs / "mocker.log", "w"),
-                             stderr=subprocess.STDOUT)]
-        self.model = wait_for_model(self.url)
+        commands = {"frontend": ["dynamo.frontend", "--http-host", "127.0.0.1", "--http-port", str(port)],
+                    "mocker": ["dynamo.mocker", "--model-path", str(model), "--speedup-ratio", "10000"]}
+        try:
+            self.etcd = start_etcd(work / "etcd")
+            self.nats = start_nats(work / "nats")
+            env = {**os.environ, "ETCD_ENDPOINTS": self.etcd.url, "NATS_SERVER": self.nats.url}
+            for name, args in commands.items():
+                with open(logs / f"{name}.log", "w") as log:
+                    self.procs.append(subprocess.Popen([python, "-m", *args, "--discovery-backend", "etcd"], env=env,
+                                                       stdout=log, stderr=subprocess.STDOUT))
+            self.model = wait_for_model(self.url)
+        except BaseException:  # nothing left running when Dynamo does not come up
+            self.stop()
+            raise
 
     def stop(self) -> None:
         for p in self.procs:
             stop(Pid.of(p.pid), popen=p)
-        self.nats.stop()
-        self.etcd.stop()
+        for service in (self.nats, self.etcd):
+            if service is not None:
+                service.stop()
 
 
 def hpc_stack(model: Path, work: Path, processes: int) -> LocalDeployment:
