@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from engines.torch.paged_attention import paged_decode
 from engines.torch.fused import add_rms_norm, silu_mul
+from engines.torch.paged_attention import paged_decode
 from engines.torch.rotary import rope_and_store
 
 
