@@ -8,8 +8,9 @@ prefilled (not timed), then `--steps` decode steps run with every sequence decod
 inter-token latency a stream sees. The floor is reading the weights once per step: parameter bytes / the GPU's
 memory bandwidth (HBM3e, 4.8 TB/s on an H200). A step faster than that floor is refused as a measurement error.
 
-Rows: eager or CUDA graphs, each with decode attention as a gather of the blocks + SDPA or as the paged Triton
-kernel (engines/torch/paged_attention.py).
+Rows: eager PyTorch (gather of the blocks + SDPA); then CUDA graphs with the Triton kernels (paged attention,
+rotary + KV write, norms, SiLU); the same with steps run one ahead of the host (overlap_decode); and with the
+projections as skinny.py's kernel in place of cuBLAS.
 
 Equality: the paged kernel against gather + SDPA on scattered blocks (bf16; max abs difference, at most 0.05); and
 a 4-layer model of the same width in float32 decodes 32 greedy tokens eagerly with gather + SDPA, eagerly with the
@@ -127,7 +128,25 @@ def fused_error() -> float:
     gu = torch.randn((t, 2 * 14336), generator=g, device="cuda", dtype=torch.bfloat16)
     gate, up = gu.float().chunk(2, dim=-1)
     pairs.append((silu_mul(gu), torch.nn.functional.silu(gate) * up))
+    # skinny.py's products of 1 and 16 rows against float32
+    from engines.torch.skinny import skinny_linear
+
+    weight = torch.randn((6144, 4096), generator=g, device="cuda", dtype=torch.bfloat16) / 64
+    for rows in (1, 16):
+        pairs.append((skinny_linear(x[:rows], weight), x[:rows].float() @ weight.float().T))
     return max(((a.float() - b.float()).abs() / b.float().abs().clamp(min=1)).max().item() for a, b in pairs)
+
+
+def argmax_equal() -> bool:
+    """fused.argmax_rows against torch.argmax, on random logits and on rows whose largest value occurs twice (the
+    first one counts), in one chunk and across chunks."""
+    from engines.torch.fused import ARGMAX_CHUNK, argmax_rows
+
+    g = torch.Generator(device="cuda").manual_seed(9)
+    logits = torch.randn((16, 128256), generator=g, device="cuda")
+    for row, (a, b) in enumerate(((5, 9), (100, ARGMAX_CHUNK + 3), (70000, 128255))):
+        logits[row, a] = logits[row, b] = 100.0
+    return bool(torch.equal(argmax_rows(logits), logits.argmax(dim=-1)))
 
 
 def replay_ms(engine: TorchEngine, batch: int, context: int, n: int = 50) -> tuple[float, float]:
@@ -165,25 +184,35 @@ async def run(args) -> tuple[list[dict], dict]:
     floor_ms = params * 2 / (bandwidth_tb_s() * 1e12) * 1000
     error = kernel_error()
     print(f"paged kernel against gather + SDPA, bf16: max abs difference {error:.4f}", flush=True)
+    argmax_ok = argmax_equal()
+    print(f"argmax kernel equals torch.argmax: {argmax_ok}", flush=True)
     rope = fused_error()
-    print(f"rotary, norm and SiLU kernels against float32 on the same bf16 inputs: max difference {rope:.4f}",
+    print(f"rotary, norm, SiLU and skinny-product kernels against float32 on the same bf16 inputs: max difference {rope:.4f}",
           flush=True)
-    for graphs, paged, fused in ((False, False, False), (False, True, True), (True, False, False),
-                                 (True, True, False), (True, True, True)):
+    configs = [  # (label, options): eager PyTorch, then the step as it is built up
+        ("eager", dict(cuda_graphs=False, paged_attention=False, fused_kernels=False)),
+        ("graphs+kernels", dict(cuda_graphs=True, overlap_decode=False, skinny_kernel=False)),
+        ("graphs+kernels+overlap", dict(cuda_graphs=True, skinny_kernel=False)),
+        ("graphs+kernels+overlap+skinny", dict(cuda_graphs=True)),  # the defaults
+    ]
+    for label, options in configs:
+        started = time.perf_counter()
         engine = TorchEngine(d, TorchEngineOptions(device="cuda", dtype="bfloat16", random_weights=True,
-                                                   num_blocks=4096, max_num_tokens=8192, cuda_graphs=graphs,
-                                                   paged_attention=paged, fused_kernels=fused))
+                                                   num_blocks=4096, max_num_tokens=8192, **options))
+        built_s = round(time.perf_counter() - started, 1)  # with the skinny kernel: its tuning for every shape
         engine.start(asyncio.get_running_loop())
         try:
             for b in (int(x) for x in args.batches.split(",")):
                 await decode_times(engine, b, args.context, 5, seed=1000 + b)  # warm-up (captures the graphs)
                 gaps, _ = await decode_times(engine, b, args.context, args.steps, seed=b)
                 p50 = statistics.median(gaps) * 1000
-                row = {"cuda_graphs": graphs, "paged_kernel": engine.paged, "fused_kernels": engine.model.fused,
-                       "batch": b, "context": args.context,
+                row = {"config": label, "cuda_graphs": engine.graphs is not None, "paged_kernel": engine.paged,
+                       "fused_kernels": engine.model.fused, "overlap": engine.overlap,
+                       "skinny": engine.options.skinny_kernel, "batch": b, "context": args.context,
                        "itl_p50_ms": round(p50, 2), "itl_p90_ms": round(sorted(gaps)[int(0.9 * len(gaps))] * 1000, 2),
                        "output_tok_s": round(b / (p50 / 1000), 1), "floor_ms": round(floor_ms, 2),
-                       "x_floor": round(p50 / floor_ms, 2), "reused": engine.stats().reused_prompt_tokens}
+                       "x_floor": round(p50 / floor_ms, 2), "reused": engine.stats().reused_prompt_tokens,
+                       "engine_start_s": built_s}
                 if engine.graphs is not None:
                     row["step_alone_ms"], row["replay_alone_ms"] = (round(x, 2) for x in replay_ms(engine, b,
                                                                                                    args.context))
@@ -210,7 +239,7 @@ async def run(args) -> tuple[list[dict], dict]:
     same = all(a == answers[False, False] for a in answers.values())
     print(f"float32, 4 layers, 4 streams x 32 greedy tokens: the kernels (paged, rotary) and graphs "
           f"{'equal' if same else 'DIFFER from'} eager PyTorch", flush=True)
-    return rows, {"greedy_equal_float32": same, "kernel_max_abs_diff_bf16": round(error, 5),
+    return rows, {"greedy_equal_float32": same, "argmax_equal": argmax_ok, "kernel_max_abs_diff_bf16": round(error, 5),
                   "fused_kernels_max_diff_bf16": round(rope, 5),
                   "floor_ms": round(floor_ms, 2), "params": params}
 
@@ -223,10 +252,10 @@ def main() -> None:
     args = p.parse_args()
     rows, meta = asyncio.run(run(args))
     path = write_result("decode", rows, meta)
-    print(table(rows, ["cuda_graphs", "paged_kernel", "fused_kernels", "batch", "context", "itl_p50_ms", "itl_p90_ms",
+    print(table(rows, ["config", "batch", "context", "itl_p50_ms", "itl_p90_ms",
                        "output_tok_s", "floor_ms", "x_floor", "step_alone_ms", "replay_alone_ms", "reused"]))
     print(f"Written to {path}")
-    if (not meta["greedy_equal_float32"] or meta["kernel_max_abs_diff_bf16"] > 0.05
+    if (not meta["greedy_equal_float32"] or not meta["argmax_equal"] or meta["kernel_max_abs_diff_bf16"] > 0.05
             or meta["fused_kernels_max_diff_bf16"] > 0.05):
         sys.exit(1)
 

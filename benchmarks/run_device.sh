@@ -26,6 +26,7 @@ for what in "$@"; do
     encode) serve_setup; python3 benchmarks/encode.py ;;
     tune) serve_setup; python3 benchmarks/tune_prefill.py ;;
     decode) python3 benchmarks/decode.py ;;
+    decode-profile) python3 benchmarks/decode_profile.py ;;
     serve-graphs) serve_setup; python3 benchmarks/serve_gpu.py --cuda-graphs --name serve_gpu-graphs ;;
     two-gpu-embeddings) serve_setup; python3 benchmarks/encode.py --transfer-only --src 0 --dst 1 --name encode-2gpu ;;
     # Two GPUs (nvidia-h200-x2): KV GPU0 -> GPU1, then 1 prefill + 1 decode worker against 2 aggregated workers.

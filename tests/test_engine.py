@@ -288,3 +288,47 @@ async def test_outputs_already_waiting_leave_as_one():
     q.put_nowait(TokenOutput([99]))  # after the finish: never read
     assert [(o.token_ids, o.finish_reason) async for o in stream] == [([4, 5], "length")]
     assert cancelled == []
+
+
+async def test_decode_steps_one_ahead_change_no_token_and_free_every_block(model_dir):
+    """Greedy decode steps started before the host has read the last ones (overlap_decode): the same tokens as
+    without, also where a stop token or a cancellation ends a sequence while its next step already runs, beside a
+    sampled request; afterwards every block is free."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(2, 500, (n,), generator=g).tolist() for n in (5, 17, 40, 3, 20)]
+    answers = {}
+    for overlap in (False, True):
+        engine = TorchEngine(model_dir, TorchEngineOptions(device="cpu", num_blocks=128, overlap_decode=overlap))
+        engine.start(asyncio.get_running_loop())
+        try:
+            plain = await collect(engine.generate(EngineRequest("plain", prompts[0],
+                                                                SamplingParams(max_tokens=12, ignore_eos=True))))
+            params = [SamplingParams(max_tokens=12, ignore_eos=True, stop_token_ids=(plain[4],)),
+                      SamplingParams(max_tokens=1, ignore_eos=True), SamplingParams(max_tokens=2, ignore_eos=True),
+                      SamplingParams(max_tokens=9, temperature=0.8, seed=3, ignore_eos=True),
+                      SamplingParams(max_tokens=15, ignore_eos=True)]
+            cancelled = engine.generate(EngineRequest("c", prompts[1], SamplingParams(max_tokens=1000,
+                                                                                     ignore_eos=True)))
+            streams = [collect(engine.generate(EngineRequest(f"r{i}", p, sp)))
+                       for i, (p, sp) in enumerate(zip(prompts, params))]
+
+            async def cancel_after_three():
+                got = 0
+                async for out in cancelled:
+                    got += len(out.token_ids)
+                    if got >= 3:
+                        break
+                await cancelled.aclose()
+
+            *answers[overlap], _ = await asyncio.gather(*streams, cancel_after_three())
+            for _ in range(100):
+                if engine.stats().kv_blocks_free == 128:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.stats().kv_blocks_free == 128 and engine.stats().running == 0
+            assert (engine._launches > 0) == overlap
+        finally:
+            engine.shutdown()
+        assert answers[overlap][0] == plain[:5]  # up to and with the stop token
+    assert answers[True] == answers[False]
+    assert [len(a) for a in answers[True]] == [5, 1, 2, 9, 15]

@@ -22,6 +22,7 @@ from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStat
                           PrefillOutput, StepOutputs, TokenOutput, blocks_for, content_keys, stream_until_finished)
 from engines.sampling import sample
 from engines.torch import paged_attention
+from engines.torch.fused import argmax_rows
 from engines.torch.loader import load_model, load_vision, random_model, read_config, resolve_dtype
 from engines.prefix_cache import CachingBlockAllocator, block_hashes, next_hash
 from engines.torch.model import DecodeBatch, LlamaForCausalLM, SeqBatch, fuse_projections
@@ -46,7 +47,11 @@ class TorchEngineOptions:
     cuda_graphs: bool = False  # decode steps as CUDA graphs (engines/torch/graphs.py); on GPUs only
     paged_attention: bool = True  # decode attention from the paged pool (a Triton kernel), where Triton and a GPU are
     fused_kernels: bool = True  # rotary + KV write, residual + RMSNorm, SiLU x up as Triton kernels (GPU + Triton)
+    skinny_kernel: bool = True  # projections of <= 16 rows (decode) as engines/torch/skinny.py's kernel, not cuBLAS
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    # Greedy decode steps run one ahead of the host: the next step starts from the tokens still on the device while
+    # the host reads, checks and hands out the last ones (the overlap scheduler of SGLang and TensorRT-LLM).
+    overlap_decode: bool = True
 
 
 @dataclass
@@ -68,10 +73,22 @@ class _Seq:
     image_vec: torch.Tensor | None = None  # those embeddings [P, hidden] (CPU)
     submitted: float = field(default_factory=time.perf_counter)
     scheduled: float | None = None  # when a step first took it: the end of its queue wait
+    finished: bool = False
 
     @property
     def id(self) -> str:
         return self.req.request_id
+
+
+@dataclass
+class _Launched:
+    """A greedy decode step started on the device whose tokens the host has not read yet."""
+
+    seqs: list[_Seq]
+    tokens: torch.Tensor  # [n] on the device: the next step's input ids
+    host: torch.Tensor  # [n]: the same, copied back without waiting (pinned memory on a GPU)
+    ready: "torch.cuda.Event | None"
+    free_after: list[_Seq] = field(default_factory=list)  # finished while this step ran: their blocks wait for it
 
 
 def pick_device(name: str) -> torch.device:
@@ -131,7 +148,7 @@ class TorchEngine:
                                  else None)
         self.paged = o.paged_attention and paged_attention.available(self.device)
         if o.fused_kernels and paged_attention.available(self.device):
-            model.use_fused_kernels()
+            model.use_fused_kernels(skinny=o.skinny_kernel)
         self.graphs = None
         usable = self.num_blocks
         if o.cuda_graphs and self.device.type == "cuda" and (tp is None or tp.size == 1):
@@ -149,6 +166,11 @@ class TorchEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outputs: StepOutputs | None = None  # a step's outputs, handed to the loop together
+        self._launched: _Launched | None = None  # the greedy decode step running ahead of the host, if any
+        self.overlap = o.overlap_decode and (tp is None or tp.size == 1)
+        pinned = self.device.type == "cuda"
+        self._token_hosts = [torch.empty(o.max_batch_size, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._launches = 0
         self._prompt_tokens = self._reused_tokens = 0
         self._generated_tokens = 0
 
@@ -273,8 +295,8 @@ class TorchEngine:
             torch.cuda.set_device(self.device)
         with torch.inference_mode():
             while not self._stop.is_set():
-                self._drain(block=not (self._waiting or self._running))
-                if self._waiting or self._running:
+                self._drain(block=not (self._waiting or self._running or self._launched))
+                if self._waiting or self._running or self._launched:
                     self._step_safely()
 
     def _drain(self, block: bool) -> None:
@@ -301,24 +323,36 @@ class TorchEngine:
                     self._finish(seq, TokenOutput([], "cancelled"))
 
     def _finish(self, seq: _Seq, out) -> None:
-        with self._lock:
-            self._alloc.free_owner(seq.id)
+        seq.finished = True
+        if self._launched is not None and seq in self._launched.seqs:
+            self._launched.free_after.append(seq)  # the running step still writes its KV
+        else:
+            with self._lock:
+                self._alloc.free_owner(seq.id)
         seq.out.put(out)
 
     def _step_safely(self) -> None:
         batch = self._schedule()
-        if not batch:
-            return
         try:
             with self._outputs.collecting():
-                self._step(batch)
+                if self._launched is not None and not self._continues(batch):
+                    self._complete(self._take_launched())
+                    batch = self._schedule()
+                if batch:
+                    self._step(batch)
         except Exception as e:  # a failing forward pass ends its requests with the error, not the engine
             log.exception("engine step failed")
-            for seq, _ in batch:
+            launched = self._take_launched()
+            failed = [seq for seq, _ in batch] + (launched.seqs + launched.free_after if launched else [])
+            for seq in failed:
                 for seqs in (self._waiting, self._running):
                     if seq in seqs:
                         seqs.remove(seq)
-                self._finish(seq, TokenOutput([], "error", error=f"engine step failed: {e}"))
+                if not seq.finished:
+                    self._finish(seq, TokenOutput([], "error", error=f"engine step failed: {e}"))
+                else:
+                    with self._lock:
+                        self._alloc.free_owner(seq.id)
 
     def _schedule(self) -> list[tuple[_Seq, int]]:
         o = self.options
@@ -378,7 +412,98 @@ class TorchEngine:
                 self._alloc.register(seq.blocks[i], seq.hashes[i])
         seq.registered = full
 
+    # ---- greedy decode steps one ahead of the host -----------------------------------------------------------------
+    def _overlaps(self, batch: list[tuple[_Seq, int]]) -> bool:
+        """A step that can run ahead: every sequence is past its prompt, decodes one token, greedily."""
+        return self.overlap and bool(batch) and all(
+            n == 1 and seq.generated > 0 and seq.req.sampling.temperature <= 0 for seq, n in batch)
+
+    def _continues(self, batch: list[tuple[_Seq, int]]) -> bool:
+        """The launched step's sequences (or some of them, in order) decode again: their input tokens are the ones
+        it leaves on the device, and it need not be waited for."""
+        if not self._overlaps(batch):
+            return False
+        launched = iter(self._launched.seqs)
+        return all(any(seq is s for s in launched) for seq, _ in batch)
+
+    def _take_launched(self) -> _Launched | None:
+        launched, self._launched = self._launched, None
+        return launched
+
+    def _launch(self, batch: list[tuple[_Seq, int]], previous: _Launched | None) -> _Launched:
+        """Start a greedy decode step without waiting for it. Its input tokens come from the host or, for a
+        continuation, from `previous`'s tokens on the device."""
+        seqs = [seq for seq, _ in batch]
+        bs = self.options.block_size
+        positions = [seq.num_computed for seq in seqs]
+        tables = [seq.blocks[:blocks_for(p + 1, bs)] for seq, p in zip(seqs, positions)]
+        if previous is not None:
+            rows = {id(s): i for i, s in enumerate(previous.seqs)}
+            source = [rows[id(seq)] for seq in seqs]
+            ids = None
+        else:
+            source, ids = None, [seq.tokens[seq.num_computed] for seq in seqs]
+        tokens = None
+        if self.graphs is not None and self.graphs.fits(len(seqs), max(len(t) for t in tables)):
+            try:
+                _, tokens = self._graph_step(ids, positions, tables,
+                                             None if previous is None else (previous.tokens, source))
+            except Exception:
+                pass  # logged; eager from now on
+        if tokens is None:
+            dev = self.device
+            ids_dev = (torch.tensor(ids, dtype=torch.long, device=dev) if previous is None else
+                       previous.tokens[torch.tensor(source, dtype=torch.long, device=dev)])
+            step = ([0] * len(seqs), positions, [(i, 1, p, seq.blocks) for i, (seq, p) in
+                                                 enumerate(zip(seqs, positions))], list(range(len(seqs))), None)
+            tokens = argmax_rows(self._forward(step, ids_dev))
+        for seq in seqs:
+            seq.num_computed += 1
+        host = self._token_hosts[self._launches % 2][: len(seqs)]  # the other one may still be read
+        self._launches += 1
+        ready = None
+        if tokens.is_cuda:
+            host.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host.copy_(tokens)
+        return _Launched(seqs, tokens, host, ready)
+
+    def _complete(self, launched: _Launched | None) -> None:
+        """Read a launched step's tokens (waiting for it) and hand them out; sequences that finished meanwhile
+        (stop token, cancelled) drop theirs. Then the blocks of those that finished while it ran are freed."""
+        if launched is None:
+            return
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        for seq, token in zip(launched.seqs, launched.host.tolist()):
+            if seq.finished:
+                continue
+            if seq.mode != "decode" and self.options.enable_block_reuse:
+                self._register_full_blocks(seq)
+            self._emit(seq, token)
+        with self._lock:
+            for seq in launched.free_after:
+                self._alloc.free_owner(seq.id)
+
+    def _graph_step(self, ids, positions, tables, previous=None):
+        try:
+            return self.graphs.run(ids, positions, tables, previous)
+        except Exception:  # a capture that failed (e.g. beside GPU work of another thread): eager from now on
+            log.exception("CUDA graph capture or replay failed; decode steps run eagerly from now on")
+            self.graphs = None
+            raise
+
     def _step(self, batch: list[tuple[_Seq, int]]) -> None:
+        if self._overlaps(batch):
+            previous = self._take_launched()  # continued here (_step_safely completed any other)
+            if previous is not None:  # not those whose last token the running step makes
+                batch = [(seq, n) for seq, n in batch if seq.generated + 1 < seq.req.sampling.max_tokens]
+            if batch:
+                self._launched = self._launch(batch, previous)
+            self._complete(previous)  # while the new step runs
+            return
         ids, positions, seqs, logit_rows, to_sample = [], [], [], [], []
         image_rows, image_vecs = [], []
         start = 0
@@ -402,11 +527,9 @@ class TorchEngine:
                 and self.graphs.fits(len(seqs), max(blocks_for(ctx + 1, bs) for _, _, ctx, _ in seqs))):
             # every sequence decodes one token: replay a captured graph
             try:
-                logits = self.graphs.run(ids, positions,
-                                         [blocks[:blocks_for(ctx + 1, bs)] for _, _, ctx, blocks in seqs])
-            except Exception:  # a capture that failed (e.g. beside GPU work of another thread): eager from now on
-                log.exception("CUDA graph capture or replay failed; decode steps run eagerly from now on")
-                self.graphs = None
+                logits, _ = self._graph_step(ids, positions,
+                                             [blocks[:blocks_for(ctx + 1, bs)] for _, _, ctx, blocks in seqs])
+            except Exception:
                 logits = self._forward(step)
         else:
             if self.tp is not None:
@@ -420,16 +543,16 @@ class TorchEngine:
                 self._register_full_blocks(seq)
         if to_sample and all(seq.req.sampling.temperature <= 0 for seq in to_sample):
             # Greedy only: the argmax on the device, one small copy back (not the batch's full logits)
-            for token, seq in zip(logits.argmax(dim=-1).tolist(), to_sample):
+            for token, seq in zip(argmax_rows(logits).tolist(), to_sample):
                 self._emit(seq, token)
             return
         logits = logits.cpu()
         for row, seq in zip(logits, to_sample):
             self._emit(seq, sample(row, seq.req.sampling, seq.generated))
 
-    def _forward(self, step) -> torch.Tensor:
+    def _forward(self, step, ids_dev: torch.Tensor | None = None) -> torch.Tensor:
         """One packed pass: step = (token ids, positions, [(start, length, context_start, block ids)], logit rows,
-        (packed rows, image embeddings) or None)."""
+        (packed rows, image embeddings) or None). `ids_dev`: the ids already on the device, in place of step's."""
         ids, positions, seqs, logit_rows, images = step
         dev, bs = self.device, self.options.block_size
         batches = [SeqBatch(start, n, ctx, torch.tensor(blocks, dtype=torch.long, device=dev))
@@ -438,7 +561,9 @@ class TorchEngine:
         # The block each new token's KV goes to, worked out here: one transfer instead of device ops per sequence.
         slots = [blocks[p // bs] for _, n, ctx, blocks in seqs for p in range(ctx, ctx + n)]
         block_index = torch.tensor(slots, dtype=torch.long, device=dev)
-        return self.model(torch.tensor(ids, dtype=torch.long, device=dev), pos, batches, self.pool, block_index,
+        if ids_dev is None:
+            ids_dev = torch.tensor(ids, dtype=torch.long, device=dev)
+        return self.model(ids_dev, pos, batches, self.pool, block_index,
                           pos % bs, torch.tensor(logit_rows, dtype=torch.long, device=dev),
                           self._decode_batch([(start, ctx, blocks) for start, n, ctx, blocks in seqs
                                               if n == 1 and ctx > 0]),

@@ -18,6 +18,7 @@ from torch.nn.attention.bias import causal_lower_right
 from engines.torch.fused import add_rms_norm, silu_mul
 from engines.torch.paged_attention import paged_decode
 from engines.torch.rotary import rope_and_store
+from engines.torch.skinny import skinny_linear, usable as skinny_usable
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,17 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose products of few rows (decode steps) go to skinny.py's kernel once `skinny` is set."""
+
+    skinny = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.skinny and skinny_usable(x, self.weight):
+            return skinny_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 @dataclass
 class SeqBatch:
     """One sequence's part of a packed batch: `length` new tokens starting at packed index `start`, at positions
@@ -141,10 +153,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.h, self.kvh, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kvh * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kvh * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.h * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.hidden_size, self.h * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, self.kvh * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, self.kvh * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.h * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.qkv_proj: nn.Linear | None = None  # q, k and v in one matrix, once fuse_projections has run
 
     def forward(self, x, rope: tuple, layer: int, seqs: list[SeqBatch], pool: torch.Tensor, slot_block, slot_off,
@@ -216,9 +228,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.gate_up_proj: nn.Linear | None = None  # gate and up in one matrix, once fuse_projections has run
 
     def forward(self, x):
@@ -232,7 +244,7 @@ def _fused(*linears: nn.Linear) -> nn.Linear:
     """One Linear whose output is the given ones' outputs side by side."""
     with torch.no_grad():
         w = torch.cat([lin.weight for lin in linears])
-        fused = nn.Linear(w.shape[1], w.shape[0], bias=linears[0].bias is not None, device="meta")
+        fused = Linear(w.shape[1], w.shape[0], bias=linears[0].bias is not None, device="meta")
         fused.weight = nn.Parameter(w, requires_grad=False)
         if linears[0].bias is not None:
             fused.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
@@ -271,16 +283,23 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.tp = None  # engines.torch.parallel.TensorParallel once sharded
         self.fused = False  # the Triton kernels of rotary.py and fused.py (GPUs with Triton; after fuse_projections)
 
-    def use_fused_kernels(self) -> None:
+    def use_fused_kernels(self, skinny: bool = False) -> None:
         self.inv_freq_f32 = self.inv_freq.float().contiguous()  # the values the PyTorch path uses
         self.fused = True
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for module in linears:
+            module.skinny = skinny
+        if skinny:
+            from engines.torch.skinny import warm_up
+
+            warm_up(linears)
 
     def kv_block_shape(self, block_size: int) -> tuple[int, ...]:
         """One block of this rank's KV heads (all of them without tensor parallelism)."""

@@ -21,8 +21,10 @@ try:
 except ImportError:  # CPU-only installs: the gather + SDPA path serves
     triton = None
 
-TOKENS_PER_ITERATION = 64
-TARGET_PROGRAMS = 512  # enough (sequence, head, split) programs to fill an H100/H200's 132 SMs a few times over
+# Measured on an H200 at 2k tokens of context (partial + merge, a layer): 8.6 us at batch 1 and 38.7 at 16, against
+# 9.3 and 39.2 with 64 tokens an iteration and 512 programs.
+TOKENS_PER_ITERATION = 128
+TARGET_PROGRAMS = 256  # (sequence, head, split) programs: about two per SM of an H100/H200 (132 SMs)
 
 
 def available(device: torch.device) -> bool:
