@@ -332,3 +332,12 @@ async def test_decode_steps_one_ahead_change_no_token_and_free_every_block(model
         assert answers[overlap][0] == plain[:5]  # up to and with the stop token
     assert answers[True] == answers[False]
     assert [len(a) for a in answers[True]] == [5, 1, 2, 9, 15]
+
+
+def test_engine_yaml_turns_the_overlap_off(model_dir):
+    """`disable_overlap_scheduler: true` (TensorRT-LLM's field) makes the reference engine wait for each step."""
+    from hpc.config import EngineConfig
+    from workers.engines import build_engine
+
+    assert build_engine("torch", str(model_dir), EngineConfig(device="cpu")).overlap
+    assert not build_engine("torch", str(model_dir), EngineConfig(device="cpu", disable_overlap_scheduler=True)).overlap

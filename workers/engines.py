@@ -23,7 +23,7 @@ def build_engine(name: str, model_path: str, cfg: EngineConfig, random_weights: 
             max_num_tokens=cfg.max_num_tokens, max_batch_size=cfg.max_batch_size,
             enable_chunked_prefill=cfg.enable_chunked_prefill, random_weights=random_weights,
             enable_block_reuse=cfg.kv_cache_config.enable_block_reuse is not False,
-            cuda_graphs=cfg.cuda_graph_config is not None,
+            cuda_graphs=cfg.cuda_graph_config is not None, overlap_decode=not cfg.disable_overlap_scheduler,
             graph_batch_sizes=tuple(sorted((cfg.cuda_graph_config.batch_sizes if cfg.cuda_graph_config else None)
                                            or (1, 2, 4, 8, 16, 32, 64)))), tp=tp)
     if name == "mocker":
