@@ -324,7 +324,7 @@ class TorchEngine:
 
     def _finish(self, seq: _Seq, out) -> None:
         seq.finished = True
-        if self._launched is not None and seq in self._launched.seqs:
+        if self._launched is not None and any(seq is s for s in self._launched.seqs):
             self._launched.free_after.append(seq)  # the running step still writes its KV
         else:
             with self._lock:
