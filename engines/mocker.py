@@ -138,7 +138,9 @@ class MockerEngine:
                 hashes = block_hashes(content_keys(req.prompt, req.images), self.o.block_size) if self._prefix else []
                 # The last prompt token is always computed: its logits give the first token.
                 reused = min(self._prefix.hit_blocks(hashes) * self.o.block_size, n - 1) if self._prefix else 0
-                await asyncio.sleep(self.o.prefill_overhead_ms / 1000 + (n - reused) / self.o.prefill_tokens_per_s)
+                delay = self.o.prefill_overhead_ms / 1000 + (n - reused) / self.o.prefill_tokens_per_s
+                if delay >= 1e-6:  # a prefill of no time holds the "GPU" for no event-loop turn either
+                    await asyncio.sleep(delay)
                 fill = mock_token(req.prompt, -1, 256)
                 for b in blocks:  # real bytes for the transfer to move
                     self.pool[b].fill_(fill)
