@@ -21,11 +21,13 @@ QUEUE_SHARE = 0.5  # queue wait as a share of TTFT that means saturated
 TRANSFER_SHARE = 0.3  # KV transfer as a share of the time to the second token
 DECODE_SHARE = 0.3
 KV_FULL = 0.9
+DISPATCH_SHARE = 0.5  # network and dispatch as a share of TTFT that means the processes, not the engines, hold it
+DISPATCH_MIN = 0.005  # and at least this many seconds: a few ms of messaging are the floor of a healthy path
 
 
 @dataclass
 class Finding:
-    kind: str  # compute | queue wait | KV transfer | decode | healthy | no data
+    kind: str  # compute | queue wait | dispatch | KV transfer | decode | healthy | no data
     worker: str | None
     message: str
     evidence: dict = field(default_factory=dict)
@@ -125,8 +127,8 @@ def diagnose(records: list[dict], workers: dict | None = None) -> tuple[dict, li
     summary["workers"] = {w: {"host": row["host"], "requests": row["n"], "queue_p50_ms": ms(p(row["queue"], 0.5)),
                               "compute_ms_per_1k_tokens": ms(p(row["compute_per_1k"], 0.5)),
                               "ttft_p50_ms": ms(p(row["ttft"], 0.5))} for w, row in sorted(rows.items())}
-    findings = _slow(rows) + _overloaded(rows, workers) + _saturated(rows, workers) + _transfer(records) \
-        + _decode(records, workers)
+    findings = _slow(rows) + _overloaded(rows, workers) + _saturated(rows, workers) + _dispatch(records) \
+        + _transfer(records) + _decode(records, workers)
     return summary, findings or [Finding("healthy", None, "TTFT is the prefill compute itself; nothing to fix",
                                          {"compute_p50_ms": ms(p(stage["compute"], 0.5)),
                                           "ttft_p50_ms": ms(p(ttft, 0.5))})]
@@ -177,6 +179,32 @@ def _saturated(rows: dict, workers: dict) -> list[Finding]:
                                             f"worker: add prefill workers or raise max_num_tokens",
                         {"queue_share_p50": {w: round(s, 3) for w, s in shares.items()}})]
     return []
+
+
+def _dispatch(records: list[dict]) -> list[Finding]:
+    """TTFT spent outside the engines: in the round trip to the worker beyond its queue and compute (NATS, the
+    worker's event loop), or in the frontend after the worker answered (its event loop)."""
+    engine = lambda r: sum((r.get("prefill") or {}).get(k, 0.0) for k in ("queue", "compute", "encode"))  # noqa
+    ttft = p([r["ttft"] for r in records], 0.5)
+    other = p([r["ttft"] - r["preprocess"] - engine(r) for r in records], 0.5)
+    if not ttft or other < DISPATCH_MIN or other < DISPATCH_SHARE * ttft:
+        return []
+    timed = [r for r in records if r.get("prefill_rtt") is not None]
+    to_worker = p([r["prefill_rtt"] - engine(r) for r in timed], 0.5) or 0.0
+    in_frontend = p([r["ttft"] - r["preprocess"] - r["prefill_rtt"] for r in timed], 0.5) or 0.0
+    evidence = {"ttft_p50_ms": ms(ttft), "dispatch_p50_ms": ms(other), "worker_round_trip_p50_ms": ms(to_worker),
+                "frontend_after_worker_p50_ms": ms(in_frontend),
+                "engine_p50_ms": ms(p([engine(r) for r in records], 0.5))}
+    head = (f"{1000 * other:.1f} ms of the {1000 * ttft:.1f} ms TTFT p50 is outside the engines (their queue and "
+            f"compute: {evidence['engine_p50_ms']} ms): ")
+    if to_worker >= in_frontend:
+        why = (f"{1000 * to_worker:.1f} ms in the round trip to the workers beyond their engines (NATS, the workers' "
+               f"event loops): worker processes short of CPU (a busy host, many streams per worker) or a slow path "
+               f"to NATS")
+    else:
+        why = (f"{1000 * in_frontend:.1f} ms in the frontend after the worker answered (its event loop): add "
+               f"frontend processes (frontend.processes) or cores on the head node")
+    return [Finding("dispatch", None, head + why, evidence)]
 
 
 def _transfer(records: list[dict]) -> list[Finding]:

@@ -142,6 +142,24 @@ def test_a_full_decode_pool_is_named(tmp_path, tiny_model, env):
     assert f["evidence"]["decode_first_p50_ms"] >= 30, f
 
 
+def test_time_outside_the_engines_is_named_with_the_side_that_holds_it():
+    """TTFT that is mostly neither queue nor compute is named: in the round trip to the worker or in the frontend,
+    whichever holds it. A few ms of messaging, or a TTFT that is the engine's compute, is not a finding."""
+    from hpc.diagnose import diagnose
+
+    def record(ttft: float, rtt: float, compute: float) -> dict:
+        return {"ttft": ttft, "preprocess": 0.0001, "prefill_rtt": rtt, "prefill": {"queue": 0.0, "compute": compute},
+                "prefill_worker": "aggregated-0", "prompt_tokens": 32}
+
+    _, found = diagnose([record(0.020, 0.019, 0.0001)] * 10)
+    assert found[0].kind == "dispatch" and "round trip to the workers" in found[0].message, found
+    assert found[0].evidence["worker_round_trip_p50_ms"] == 18.9
+    _, found = diagnose([record(0.020, 0.002, 0.0001)] * 10)
+    assert found[0].kind == "dispatch" and "frontend.processes" in found[0].message, found
+    assert diagnose([record(0.003, 0.0028, 0.0001)] * 10)[1][0].kind == "healthy"
+    assert diagnose([record(0.060, 0.059, 0.050)] * 10)[1][0].kind == "healthy"
+
+
 def test_tune_prefill_finds_the_known_knee_and_writes_it(tmp_path, tiny_model, env):
     """A mocker with 2 ms of overhead per prefill at 125k tokens/s: throughput N / (2 ms + N / 125k) is 98.9% of
     its best (at 65536) at 16384 tokens per forward and 89.5% at 2048. Interference only makes a size look slower,
