@@ -151,13 +151,47 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
 
+class FreeBlocks:
+    """The free block ids: a set (count, membership) and a byte per block, so that the first run of n adjacent free
+    blocks is one bytes.find in C. Sorting the ids to find it took 33 us an allocation at 4k blocks, and a GPU pool
+    has tens of thousands."""
+
+    def __init__(self, num_blocks: int):
+        self._ids = set(range(num_blocks))
+        self._map = bytearray(b"\x01") * num_blocks
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __iter__(self):
+        return iter(self._ids)
+
+    def add(self, block: int) -> None:
+        self._ids.add(block)
+        self._map[block] = 1
+
+    def update(self, blocks) -> None:
+        for b in blocks:
+            self.add(b)
+
+    def difference_update(self, blocks) -> None:
+        for b in blocks:
+            self._ids.discard(b)
+            self._map[b] = 0
+
+    def first_run(self, n: int) -> list[int] | None:
+        """The lowest run of n adjacent free blocks, if there is one."""
+        start = self._map.find(b"\x01" * n)
+        return list(range(start, start + n)) if start >= 0 else None
+
+
 class BlockAllocator:
     """Fixed-size KV blocks. Hands out the lowest free ids first, so a request's blocks tend to be adjacent and
     a transfer can move them as a few long ranges instead of many short ones."""
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self._free = set(range(num_blocks))
+        self._free = FreeBlocks(num_blocks)
         self._owned: dict[str, list[int]] = {}
 
     @property
@@ -177,12 +211,7 @@ class BlockAllocator:
 
     def _contiguous(self, n: int) -> list[int] | None:
         """The first run of n adjacent free blocks, if there is one."""
-        run: list[int] = []
-        for b in sorted(self._free):
-            run = run + [b] if run and b == run[-1] + 1 else [b]
-            if len(run) == n:
-                return run
-        return None
+        return self._free.first_run(n)
 
     def owned(self, owner: str) -> list[int]:
         return self._owned.get(owner, [])

@@ -49,6 +49,10 @@ class _Running:
     context: int
     generated: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    key: str = ""  # token_key(req.prompt), made once
+
+    def __post_init__(self):
+        self.key = token_key(self.req.prompt)
 
 
 class PrefixCache:
@@ -76,8 +80,16 @@ class PrefixCache:
             self._blocks.popitem(last=False)
 
 
-def mock_token(prompt: list[int], index: int, vocab: int) -> int:
-    h = hashlib.blake2b(repr((prompt[-16:], len(prompt), index)).encode(), digest_size=8).digest()
+def token_key(prompt: list[int]) -> str:
+    """What a request's tokens depend on, as the start of the text mock_token hashes (made once per request: the
+    repr of the prompt's tail was most of a token's cost)."""
+    return repr((prompt[-16:], len(prompt)))[:-1] + ", "
+
+
+def mock_token(prompt: list[int], index: int, vocab: int, key: str | None = None) -> int:
+    """The index-th generated token: the same for a prompt on every worker (prefill and decode workers agree)."""
+    text = (key if key is not None else token_key(prompt)) + f"{index})"  # == repr((prompt[-16:], len, index))
+    h = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") % vocab
 
 
@@ -221,7 +233,7 @@ class MockerEngine:
             for r in batch:
                 if r.req.request_id not in self._running:
                     continue
-                token = self._token(r.req, r.generated)
+                token = mock_token(r.req.prompt, r.generated, self.o.vocab_size, r.key)
                 r.generated += 1
                 r.context += 1
                 self._generated_tokens += 1
