@@ -475,17 +475,19 @@ class TorchEngine:
         (stop token, cancelled) drop theirs. Then the blocks of those that finished while it ran are freed."""
         if launched is None:
             return
-        if launched.ready is not None:
-            launched.ready.synchronize()
-        for seq, token in zip(launched.seqs, launched.host.tolist()):
-            if seq.finished:
-                continue
-            if seq.mode != "decode" and self.options.enable_block_reuse:
-                self._register_full_blocks(seq)
-            self._emit(seq, token)
-        with self._lock:
-            for seq in launched.free_after:
-                self._alloc.free_owner(seq.id)
+        try:
+            if launched.ready is not None:
+                launched.ready.synchronize()
+            for seq, token in zip(launched.seqs, launched.host.tolist()):
+                if seq.finished:
+                    continue
+                if seq.mode != "decode" and self.options.enable_block_reuse:
+                    self._register_full_blocks(seq)
+                self._emit(seq, token)
+        finally:  # their requests are over whatever happened here: the blocks must not leak
+            with self._lock:
+                for seq in launched.free_after:
+                    self._alloc.free_owner(seq.id)
 
     def _graph_step(self, ids, positions, tables, previous=None):
         try:
@@ -497,11 +499,12 @@ class TorchEngine:
 
     def _step(self, batch: list[tuple[_Seq, int]]) -> None:
         if self._overlaps(batch):
-            previous = self._take_launched()  # continued here (_step_safely completed any other)
+            # Continued here (_step_safely completed any other). It stays `_launched` until the new step is
+            # started, so a failure to start one still ends its requests and frees their blocks.
+            previous = self._launched
             if previous is not None:  # not those whose last token the running step makes
                 batch = [(seq, n) for seq, n in batch if seq.generated + 1 < seq.req.sampling.max_tokens]
-            if batch:
-                self._launched = self._launch(batch, previous)
+            self._launched = self._launch(batch, previous) if batch else None
             self._complete(previous)  # while the new step runs
             return
         ids, positions, seqs, logit_rows, to_sample = [], [], [], [], []
