@@ -49,7 +49,7 @@ class _Running:
     context: int
     generated: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    key: str = ""  # token_key(req.prompt), made once
+    key: str = field(init=False)  # token_key(req.prompt), made once
 
     def __post_init__(self):
         self.key = token_key(self.req.prompt)

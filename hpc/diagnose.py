@@ -99,6 +99,11 @@ def _where(name: str, row: dict) -> str:
     return f"{name} on {row.get('host') or '?'}" + (f" (GPUs {','.join(map(str, gpus))})" if gpus else "")
 
 
+def engine_seconds(record: dict) -> float:
+    """The part of a request's TTFT its prefill (or aggregated) worker reports: queue, compute, encode."""
+    return sum((record.get("prefill") or {}).get(k, 0.0) for k in ("queue", "compute", "encode"))
+
+
 def diagnose(records: list[dict], workers: dict | None = None) -> tuple[dict, list[Finding]]:
     """A summary (TTFT p50/p99 and its parts) and the findings, worst first; [healthy] when nothing holds TTFT."""
     workers = workers or {}
@@ -108,9 +113,7 @@ def diagnose(records: list[dict], workers: dict | None = None) -> tuple[dict, li
     ttft = [r["ttft"] for r in records]
     stage = {name: [(r.get("prefill") or {}).get(name, 0.0) for r in records] for name in ("queue", "compute",
                                                                                                "encode")}
-    other = [r["ttft"] - r["preprocess"] - sum((r.get("prefill") or {}).get(k, 0.0) for k in ("queue", "compute",
-                                                                                                "encode"))
-             for r in records]
+    other = [r["ttft"] - r["preprocess"] - engine_seconds(r) for r in records]
     summary = {"requests": len(records), "ttft_p50_ms": ms(p(ttft, 0.5)), "ttft_p99_ms": ms(p(ttft, 0.99)),
                "stages_p50_ms": {"preprocess": ms(p([r["preprocess"] for r in records], 0.5)),
                                  **{k: ms(p(v, 0.5)) for k, v in stage.items()},
@@ -184,17 +187,16 @@ def _saturated(rows: dict, workers: dict) -> list[Finding]:
 def _dispatch(records: list[dict]) -> list[Finding]:
     """TTFT spent outside the engines: in the round trip to the worker beyond its queue and compute (NATS, the
     worker's event loop), or in the frontend after the worker answered (its event loop)."""
-    engine = lambda r: sum((r.get("prefill") or {}).get(k, 0.0) for k in ("queue", "compute", "encode"))  # noqa
     ttft = p([r["ttft"] for r in records], 0.5)
-    other = p([r["ttft"] - r["preprocess"] - engine(r) for r in records], 0.5)
+    other = p([r["ttft"] - r["preprocess"] - engine_seconds(r) for r in records], 0.5)
     if not ttft or other < DISPATCH_MIN or other < DISPATCH_SHARE * ttft:
         return []
     timed = [r for r in records if r.get("prefill_rtt") is not None]
-    to_worker = p([r["prefill_rtt"] - engine(r) for r in timed], 0.5) or 0.0
+    to_worker = p([r["prefill_rtt"] - engine_seconds(r) for r in timed], 0.5) or 0.0
     in_frontend = p([r["ttft"] - r["preprocess"] - r["prefill_rtt"] for r in timed], 0.5) or 0.0
     evidence = {"ttft_p50_ms": ms(ttft), "dispatch_p50_ms": ms(other), "worker_round_trip_p50_ms": ms(to_worker),
                 "frontend_after_worker_p50_ms": ms(in_frontend),
-                "engine_p50_ms": ms(p([engine(r) for r in records], 0.5))}
+                "engine_p50_ms": ms(p([engine_seconds(r) for r in records], 0.5))}
     head = (f"{1000 * other:.1f} ms of the {1000 * ttft:.1f} ms TTFT p50 is outside the engines (their queue and "
             f"compute: {evidence['engine_p50_ms']} ms): ")
     if to_worker >= in_frontend:
