@@ -1,7 +1,7 @@
 """hpc's frontend against NVIDIA Dynamo's, side by side, in one run: both with mocker workers that take no time.
 
-    python benchmarks/peer_dynamo.py [--dynamo-python PATH] [--concurrency 1,16,64] [--requests 400] [--rounds 3]
-                                     [--processes N]
+    python benchmarks/peer_dynamo.py [--dynamo-python PATH] [--concurrency 1,16,64] [--rates 300,600]
+                                     [--requests 400] [--rounds 3] [--processes N]
 
 Installs nothing. It needs Dynamo importable by `--dynamo-python` (default: this interpreter), e.g. in a venv of
 its own:
@@ -14,8 +14,12 @@ Dynamo: etcd and NATS on loopback, `python -m dynamo.frontend` and `python -m dy
 time, and `--processes` frontend processes (default: frontend.processes' default for this machine). The same tiny
 model (tokenizer), the same distinct 32-token prompts, 16 output tokens, the same load generator (`hpc bench`'s).
 
-At each concurrency the two stacks take turns, round by round, the first alternating, so both see the same
-machine; each row pools its rounds. Prints both tables and writes benchmarks/results/peer_dynamo.json."""
+At each level (a concurrency: closed loop; a request rate: open loop, Poisson arrivals) the two stacks take turns,
+round by round, the first alternating, so both see the same machine; each row pools its rounds. Each row also
+gives the CPU time per request of the stack's processes (etcd, NATS, frontends, workers: read from /proc, whatever
+their language) and of the load generator. On a machine the load saturates, a closed loop's latency is the
+concurrency over the throughput, so those say where the time goes; an open loop compares latency at the same load.
+Prints both tables and writes benchmarks/results/peer_dynamo.json."""
 
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import table, write_result  # noqa: E402
+from benchmarks.common import cpu_seconds, table, write_result  # noqa: E402
 from benchmarks.frontend import ZERO  # noqa: E402
 from engines.torch.tiny import make_tiny_model  # noqa: E402
 from frontend.processes import default_processes  # noqa: E402
@@ -43,6 +47,7 @@ from hpc.serve import LocalDeployment  # noqa: E402
 from hpc.services import start_etcd, start_nats  # noqa: E402
 
 OSL, ISL = 16, 32
+RATE_CAP = 512  # requests in flight at most at a request rate: far above what either stack holds at these rates
 
 
 def dynamo_missing(python: str) -> str | None:
@@ -88,6 +93,7 @@ class DynamoStack:
                     self.procs.append(subprocess.Popen([python, "-m", *args, "--discovery-backend", "etcd"], env=env,
                                                        stdout=log, stderr=subprocess.STDOUT))
             self.model = wait_for_model(self.url)
+            self.pids = [p.pid for p in self.procs] + [self.etcd.popen.pid, self.nats.popen.pid]
         except BaseException:  # nothing left running when Dynamo does not come up
             self.stop()
             raise
@@ -115,7 +121,9 @@ def hpc_stack(model: Path, work: Path, processes: int) -> LocalDeployment:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dynamo-python", default=sys.executable)
-    p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--concurrency", default="1,16,64", help="closed-loop levels")
+    p.add_argument("--rates", default="", help="open-loop levels too: requests/s, Poisson arrivals (e.g. 300,600), "
+                                            f"at most {RATE_CAP} in flight")
     p.add_argument("--requests", type=int, default=400, help="per stack, level and round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--processes", type=int, default=default_processes(), help="hpc frontend processes")
@@ -132,42 +140,55 @@ def main() -> None:
     try:
         ours = hpc_stack(model, work / "hpc", args.processes)
         try:
-            stacks = {"dynamo 1.6.1": (dyn.url, dyn.model), f"hpc ({args.processes} frontend processes)":
-                      (ours.url, "mock")}
-            rows = asyncio.run(compare(stacks, [int(c) for c in args.concurrency.split(",")], args))
+            hpc_pids = [c.popen.pid for c in ours.components] + [ours.etcd.popen.pid, ours.nats.popen.pid]
+            stacks = {"dynamo 1.6.1": (dyn.url, dyn.model, dyn.pids),
+                      f"hpc ({args.processes} frontend processes)": (ours.url, "mock", hpc_pids)}
+            levels = [(int(c), None) for c in args.concurrency.split(",") if c]
+            levels += [(RATE_CAP, float(r)) for r in args.rates.split(",") if r]
+            rows = asyncio.run(compare(stacks, levels, args))
         finally:
             ours.stop()
     finally:
         dyn.stop()
     path = write_result(args.name, rows, {"osl": OSL, "isl": ISL, "rounds": args.rounds,
                                               "cpu_cores": os.cpu_count(), "hpc_frontend_processes": args.processes})
-    print(table(rows, ["stack", "concurrency", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms",
-                       "req_s", "output_tok_s"]))
-    for c in sorted({r["concurrency"] for r in rows}):
-        a, b = [r for r in rows if r["concurrency"] == c]
-        print(f"concurrency {c}: {b['stack']} TTFT p50 {b['ttft_p50_ms']} ms, {b['req_s']} req/s; "
+    print(table(rows, ["stack", "concurrency", "rate_req_s", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms",
+                       "e2e_p50_ms", "req_s", "output_tok_s", "server_cpu_ms_per_req", "client_cpu_ms_per_req", "server_cores"]))
+    for i in range(0, len(rows), 2):
+        a, b = rows[i], rows[i + 1]
+        at = f"rate {a['rate_req_s']} req/s" if a["rate_req_s"] else f"concurrency {a['concurrency']}"
+        print(f"{at}: {b['stack']} TTFT p50 {b['ttft_p50_ms']} ms, {b['req_s']} req/s; "
               f"{a['stack']} {a['ttft_p50_ms']} ms, {a['req_s']} req/s; req/s ratio {b['req_s'] / a['req_s']:.2f}")
     print(f"Written to {path}")
 
 
-async def compare(stacks: dict, levels: list[int], args) -> list[dict]:
+async def compare(stacks: dict, levels: list[tuple[int, float | None]], args) -> list[dict]:
+    """Each level is (concurrency, None): closed loop, or (cap, rate): open loop at that request rate."""
     rows = []
-    for c in levels:
-        pooled = {name: ([], 0.0) for name in stacks}
+    for c, rate in levels:
+        pooled = {name: ([], 0.0, 0.0, 0.0) for name in stacks}
         for rnd in range(args.rounds):
             order = list(stacks) if rnd % 2 == 0 else list(reversed(stacks))
             for name in order:
-                url, model = stacks[name]
-                prompts = bench.make_prompts(args.requests, ISL, 10, 500, seed=1000 * c + rnd)
+                url, model, pids = stacks[name]
+                prompts = bench.make_prompts(args.requests, ISL, 10, 500, seed=1000 * c + int(rate or 0) + rnd)
                 if rnd == 0:
                     await bench.level(url, model, prompts[:20], OSL, c, 60)  # warm-up
-                results, wall = await bench.level(url, model, prompts, OSL, c, 60)
-                pooled[name] = (pooled[name][0] + results, pooled[name][1] + wall)
-        for name, (results, wall) in pooled.items():
-            row = {"stack": name, **bench.summarize(c, results, wall)}
+                server, client = cpu_seconds(pids), time.process_time()
+                results, wall = await bench.level(url, model, prompts, OSL, c, 60, rate=rate)
+                server, client = cpu_seconds(pids) - server, time.process_time() - client
+                done, total, srv, cli = pooled[name]
+                pooled[name] = (done + results, total + wall, srv + server, cli + client)
+        for name, (results, wall, server, client) in pooled.items():
+            ok = max(1, sum(r.error is None for r in results))
+            # CPU of every process of the stack (etcd, NATS, frontends, workers) and of the load generator: on a
+            # saturated machine latency follows from these, whatever each stack's language
+            row = {"stack": name, **bench.summarize(c, results, wall, rate=rate),
+                   "server_cpu_ms_per_req": round(1000 * server / ok, 3),
+                   "client_cpu_ms_per_req": round(1000 * client / ok, 3), "server_cores": round(server / wall, 2)}
             rows.append(row)
-            print({k: row[k] for k in ("stack", "concurrency", "errors", "ttft_p50_ms", "ttft_p99_ms", "req_s")},
-                  flush=True)
+            print({k: row[k] for k in ("stack", "concurrency", "rate_req_s", "errors", "ttft_p50_ms", "ttft_p99_ms",
+                                       "req_s")}, flush=True)
     return rows
 
 

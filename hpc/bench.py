@@ -2,7 +2,8 @@
 
 Prompts are exactly `isl` random token ids of the model's vocabulary, sent as a token array to /v1/completions
 with `ignore_eos`, so every request produces exactly `osl` tokens. Measures TTFT, ITL, TPOT, end-to-end latency
-(p50/p90/p99), output tokens/s (per GPU too), requests/s and goodput at each concurrency.
+(p50/p90/p99), output tokens/s (per GPU too), requests/s and goodput at each concurrency (closed loop) or request
+rate (open loop, Poisson arrivals).
 
 Tokens, not text: the request asks for usage on every chunk (`stream_options.continuous_usage_stats`, as vLLM and
 hpc's frontend serve it), so TTFT is the arrival of the first generated token and ITL the gap between chunks that
@@ -33,6 +34,7 @@ class Result:
     cached_tokens: int = 0  # prompt tokens the server's prefix cache held (usage.prompt_tokens_details)
     timing: str = "tokens"  # "tokens": from usage on every chunk; "text": the server sent none
     error: str | None = None
+    late: float = 0.0  # at a request rate: how long after its arrival time it was sent (a lagging client, the cap)
 
     @property
     def tpot(self) -> float | None:
@@ -133,18 +135,37 @@ async def one(client: aiohttp.ClientSession, url: str, model: str, prompt: list[
     return res
 
 
+def arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
+    """Seconds from the start at which each of `n` requests arrives: a Poisson process of `rate` requests/s, as
+    vLLM's and SGLang's serving benchmarks send at a request rate."""
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
 async def level(url: str, model: str, prompts: list[list[int]], osl: int, concurrency: int, timeout: float,
-                advance=lambda: None) -> tuple[list[Result], float]:
+                advance=lambda: None, rate: float | None = None) -> tuple[list[Result], float]:
+    """Send `prompts`: closed loop (each of `concurrency` streams sends its next request when one ends) or, with
+    `rate`, open loop (requests arrive at that many per second, Poisson, whatever the server's pace; `concurrency`
+    then caps those in flight). Each request is timed from its send; at a rate `late` says how long after its
+    arrival that was."""
     gate = asyncio.Semaphore(concurrency)
+    due = arrivals(len(prompts), rate, seed=len(prompts)) if rate else [0.0] * len(prompts)
     async with session(concurrency, timeout) as client:
-        async def run(p):
+        async def run(p, at):
+            if at:
+                await asyncio.sleep(at - (time.perf_counter() - t0))
             async with gate:
+                late = time.perf_counter() - t0 - at
                 r = await one(client, url, model, p, osl)
+                r.late = late if rate else 0.0
                 advance()
                 return r
 
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(run(p) for p in prompts))
+        results = await asyncio.gather(*(run(p, at) for p, at in zip(prompts, due)))
         return results, time.perf_counter() - t0
 
 
@@ -162,7 +183,8 @@ class Slo:
                 and (self.itl_ms is None or tpot is None or 1000 * tpot <= self.itl_ms))
 
 
-def summarize(concurrency: int, results: list[Result], wall: float, gpus: int = 0, slo: Slo = Slo()) -> dict:
+def summarize(concurrency: int, results: list[Result], wall: float, gpus: int = 0, slo: Slo = Slo(),
+              rate: float | None = None) -> dict:
     ok = [r for r in results if r.error is None]
     ms = lambda xs, p: round(1000 * percentile(xs, p), 2)  # noqa: E731
     ttft, e2e = [r.ttft for r in ok], [r.e2e for r in ok]
@@ -170,7 +192,7 @@ def summarize(concurrency: int, results: list[Result], wall: float, gpus: int = 
     tpot = [r.tpot for r in ok if r.tpot is not None]
     output = sum(r.output_tokens for r in ok)
     prompt = sum(r.prompt_tokens for r in ok)
-    row = {"concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
+    row = {"concurrency": concurrency, "rate_req_s": rate, "requests": len(results), "errors": len(results) - len(ok),
            "output_tok_s": round(output / wall, 1), "req_s": round(len(ok) / wall, 2), "gpus": gpus,
            "output_tok_s_per_gpu": round(output / wall / gpus, 1) if gpus else None,
            "goodput_req_s": round(sum(slo.met(r) for r in ok) / wall, 2), "slo_ttft_ms": slo.ttft_ms,
@@ -181,6 +203,8 @@ def summarize(concurrency: int, results: list[Result], wall: float, gpus: int = 
     for name, xs in (("ttft", ttft), ("itl", itl), ("tpot", tpot), ("e2e", e2e)):
         for p in (50, 90, 99):
             row[f"{name}_p{p}_ms"] = ms(xs, p)
+    if rate:  # a client that falls behind its schedule sends a lower rate than the row says: show by how much
+        row["late_p99_ms"] = ms([r.late for r in results], 99)
     if len(ok) < len(results):
         row["first_error"] = next(r.error for r in results if r.error)
     return row
@@ -197,7 +221,7 @@ def series(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rows:
         out.setdefault(r.get("variant") or "this run", []).append(r)
-    return {label: sorted(pts, key=lambda r: r["concurrency"]) for label, pts in out.items()}
+    return {label: sorted(pts, key=lambda r: r.get("rate_req_s") or r["concurrency"]) for label, pts in out.items()}
 
 
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -226,8 +250,9 @@ def plot(rows: list[dict], path: Path, title: str, svg: bool = False) -> dict[st
             y = [r[key] for r in pts]
             line, = ax.plot(x, y, marker="o", label=label)
             for r, xi, yi in zip(pts, x, y):
-                ax.annotate(f"c={r['concurrency']}", (xi, yi), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7, color=line.get_color())
+                at = f"{r['rate_req_s']:g}/s" if r.get("rate_req_s") else f"c={r['concurrency']}"
+                ax.annotate(at, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=line.get_color())
         drawn[label] = list(zip(x, [r["ttft_p50_ms"] for r in pts]))
     front = pareto([p for pts in drawn.values() for p in pts])
     if len(front) > 1:
@@ -261,10 +286,10 @@ def _stats(values: list[float], unit: str) -> dict:
 
 
 def export_aiperf(directory: Path, results: list[Result], wall: float, concurrency: int, model: str, url: str,
-                  command: str) -> Path:
-    """One concurrency level as aiperf writes a run: profile_export.jsonl (a record per request) and
-    profile_export_aiperf.json (aggregates), with aiperf's field names where the metrics are the same."""
-    d = directory / f"concurrency_{concurrency}"
+                  command: str, rate: float | None = None) -> Path:
+    """One concurrency level (or request rate) as aiperf writes a run: profile_export.jsonl (a record per request)
+    and profile_export_aiperf.json (aggregates), with aiperf's field names where the metrics are the same."""
+    d = directory / (f"request_rate_{rate:g}" if rate else f"concurrency_{concurrency}")
     d.mkdir(parents=True, exist_ok=True)
     ok = [r for r in results if r.error is None]
     with open(d / "profile_export.jsonl", "w") as f:
@@ -297,7 +322,8 @@ def export_aiperf(directory: Path, results: list[Result], wall: float, concurren
         "error_summary": [{"error_details": {"code": None, "type": "RequestError", "message": m}, "count": n}
                           for m, n in errors.items()],
         "input_config": {"endpoint": {"model_names": [model], "type": "completions", "streaming": True, "url": url},
-                         "loadgen": {"concurrency": concurrency, "request_count": len(results)},
+                         "loadgen": {"concurrency": concurrency, "request_count": len(results),
+                                     **({"request_rate": rate} if rate else {})},
                          "cli_command": command},
     }
     out = d / "profile_export_aiperf.json"

@@ -140,3 +140,41 @@ def test_aiperf_export_has_its_field_names(tmp_path):
     records = [json.loads(line) for line in (path.parent / "profile_export.jsonl").read_text().splitlines()]
     assert records[0]["metrics"]["output_sequence_length"] == {"value": 11, "unit": "tokens"}
     assert records[1]["metrics"] is None and records[1]["error"]["message"] == "HTTP 503"
+
+
+def test_request_rate_arrivals_are_a_seeded_poisson_process():
+    due = b.arrivals(20000, 500.0, seed=3)
+    assert due == b.arrivals(20000, 500.0, seed=3) and due[0] == 0.0 and due == sorted(due)
+    assert abs(due[-1] / (len(due) - 1) - 1 / 500) < 0.05 / 500  # mean gap 1/rate
+    gaps = [y - x for x, y in zip(due, due[1:])]
+    assert abs(sum(g < 1 / 500 for g in gaps) / len(gaps) - (1 - 2.718281828 ** -1)) < 0.02  # exponential gaps
+
+
+def test_at_a_request_rate_requests_go_out_on_schedule_not_after_the_last_answer():
+    """Open loop: 30 requests at 300/s against a server that takes 0.3 s each: sent on their arrival times (a
+    closed loop of 4 would take 2.4 s), each timed from its send, and how late each left is recorded."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.3)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(sse(chunk("a", 1), chunk("b", 2)))
+        return resp
+
+    async def run():
+        app = web.Application()
+        app.router.add_post("/v1/completions", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            return await b.level(f"http://127.0.0.1:{port}", "m", [list(range(8))] * 30, 2, 64, 10, rate=300.0)
+        finally:
+            await runner.cleanup()
+
+    results, wall = asyncio.run(run())
+    assert all(r.error is None for r in results)
+    assert wall < 1.2 and min(r.ttft for r in results) >= 0.29
+    row = b.summarize(64, results, wall, rate=300.0)
+    assert row["rate_req_s"] == 300.0 and row["late_p99_ms"] < 100

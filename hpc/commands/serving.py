@@ -62,8 +62,13 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
           model: Optional[str] = typer.Option(None, help="Model name (default: the first served)"),
           isl: int = typer.Option(1000, help="Input tokens per request"),
           osl: int = typer.Option(100, help="Output tokens per request"),
-          concurrency: str = typer.Option("1,4,16,64", help="Comma-separated concurrency levels"),
-          requests: int = typer.Option(0, help="Requests per level (default: 4 x concurrency, at least 8)"),
+          concurrency: str = typer.Option("1,4,16,64", help="Comma-separated concurrency levels (closed loop: "
+                                                             "each stream sends its next request when one ends)"),
+          rates: str = typer.Option("", help="Comma-separated request rates, requests/s, instead: open loop, "
+                                             "Poisson arrivals whatever the server's pace (at most the largest "
+                                             "--concurrency level in flight)"),
+          requests: int = typer.Option(0, help="Requests per level (default: 4 x concurrency, at least 8; at a "
+                                                "rate: 10 s of arrivals, at least 8)"),
           tokenizer: Optional[str] = typer.Option(None, help="Model directory with tokenizer.json "
                                                              "(default: the one the server reports)"),
           out: Path = typer.Option(Path("bench.json"), help="JSON results"),
@@ -87,9 +92,9 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
     from hpc import bench as b
 
     url = url.rstrip("/")
-    levels = [int(c) for c in concurrency.split(",") if c.strip()]
-    if not levels or min(levels) < 1:
-        raise HpcError(f"--concurrency {concurrency!r}: expected positive integers like 1,4,16")
+    levels = _numbers(concurrency, int, "--concurrency", "positive integers like 1,4,16")
+    per_s = _numbers(rates, float, "--rates", "positive request rates like 50,100,200") if rates.strip() else []
+    steps = [(max(levels), r) for r in per_s] if per_s else [(c, None) for c in levels]
     name, root = asyncio.run(b.discover(url, model, 10))
     first, vocab = b.vocabulary(tokenizer or root)
     gpus = gpus or _gpus_of_deployment_at(url)
@@ -97,19 +102,21 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
     command = " ".join(["hpc", *sys.argv[1:]])
     rows = []
     with Progress(console=console, transient=True) as progress:
-        for c in levels:
-            n = requests or max(8, 4 * c)
-            task = progress.add_task(f"concurrency {c}", total=n)
-            results, wall = asyncio.run(b.level(url, name, b.make_prompts(n, isl, first, vocab, seed=c), osl, c,
-                                                timeout, lambda: progress.advance(task)))
-            rows.append(b.summarize(c, results, wall, gpus, slo))
+        for c, rate in steps:
+            n = requests or max(8, int(10 * rate) if rate else 4 * c)
+            task = progress.add_task(f"rate {rate:g}/s" if rate else f"concurrency {c}", total=n)
+            prompts = b.make_prompts(n, isl, first, vocab, seed=int(rate * 1000) if rate else c)
+            results, wall = asyncio.run(b.level(url, name, prompts, osl, c, timeout, lambda: progress.advance(task),
+                                                rate=rate))
+            rows.append(b.summarize(c, results, wall, gpus, slo, rate))
             if export:
-                b.export_aiperf(export, results, wall, c, name, url, command)
-    table = Table("conc", "req", "err", "TTFT p50/p90/p99 ms", "TPOT p50/p99 ms", "ITL p50/p99 ms",
-                  "E2E p50/p99 ms", "out tok/s", "tok/s/GPU", "req/s", "goodput", "reused",
+                b.export_aiperf(export, results, wall, c, name, url, command, rate)
+    table = Table("rate/s" if per_s else "conc", "req", "err", "TTFT p50/p90/p99 ms", "TPOT p50/p99 ms",
+                  "ITL p50/p99 ms", "E2E p50/p99 ms", "out tok/s", "tok/s/GPU", "req/s", "goodput", "reused",
                   title=f"{name}  isl={isl} osl={osl}" + (f"  {gpus} GPUs" if gpus else ""))
     for r in rows:
-        table.add_row(str(r["concurrency"]), str(r["requests"]), str(r["errors"]),
+        table.add_row(f"{r['rate_req_s']:g}" if per_s else str(r["concurrency"]), str(r["requests"]),
+                      str(r["errors"]),
                       f"{r['ttft_p50_ms']}/{r['ttft_p90_ms']}/{r['ttft_p99_ms']}",
                       f"{r['tpot_p50_ms']}/{r['tpot_p99_ms']}", f"{r['itl_p50_ms']}/{r['itl_p99_ms']}",
                       f"{r['e2e_p50_ms']}/{r['e2e_p99_ms']}", str(r["output_tok_s"]),
@@ -118,6 +125,11 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
     console.print(table)
     if slo.ttft_ms is None and slo.itl_ms is None:
         console.print("goodput: no --slo-ttft-ms or --slo-itl-ms given, so every successful request counts")
+    behind = [r for r in rows if (r.get("late_p99_ms") or 0) > 10]
+    if behind:
+        console.print(f"[yellow]the load generator fell behind:[/yellow] at {behind[0]['rate_req_s']:g} requests/s "
+                      f"1% of requests left over {behind[0]['late_p99_ms']} ms after their arrival time (this "
+                      f"machine's CPU, or --concurrency caps those in flight), so that row's rate was not offered")
     if any(r["timing"] == "text" for r in rows):
         console.print("[yellow]timed by text:[/yellow] the server sent no usage per chunk "
                       "(stream_options.continuous_usage_stats), so a token with empty text is not seen")
@@ -131,7 +143,7 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
         kept.write_text(out.read_text())
         console.print(f"kept in the run folder: {kept}")
     if export:
-        console.print(f"aiperf-style exports: {export}/concurrency_N/")
+        console.print(f"aiperf-style exports: {export}/" + ("request_rate_R/" if per_s else "concurrency_N/"))
     if plot:
         b.plot(rows, plot, f"{name}: TTFT against throughput, ISL {isl} / OSL {osl}, "
                            f"{clock.strftime('%Y-%m-%d')}", svg)
@@ -139,6 +151,16 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
     errors = [r.get("first_error") for r in rows if r["errors"]]
     if errors:
         raise HpcError(f"{sum(r['errors'] for r in rows)} requests failed; first: {errors[0]}")
+
+
+def _numbers(text: str, kind: type, option: str, expected: str) -> list:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise HpcError(f"{option} {text!r}: expected {expected}")
+    return values
 
 
 def _run_dir_of_deployment_at(url: str) -> Path | None:
