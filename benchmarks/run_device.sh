@@ -28,13 +28,16 @@ for what in "$@"; do
     decode) python3 benchmarks/decode.py ;;
     decode-profile) python3 benchmarks/decode_profile.py ;;
     serve-graphs) serve_setup; python3 benchmarks/serve_gpu.py --cuda-graphs --name serve_gpu-graphs ;;
+    # Long prompts arriving during decodes, at request rates, on one GPU (disaggregated: both workers share it).
+    serve-rates) serve_setup; python3 benchmarks/serve_gpu.py --cuda-graphs --isl 4000 --osl 200 --rates 1,2,4 \
+      --slo-ttft-ms 1000 --slo-itl-ms 50 --name serve_gpu-rates ;;
     two-gpu-embeddings) serve_setup; python3 benchmarks/encode.py --transfer-only --src 0 --dst 1 --name encode-2gpu ;;
     # Two GPUs (nvidia-h200-x2): KV GPU0 -> GPU1, then 1 prefill + 1 decode worker against 2 aggregated workers.
     two-gpu-kv) python3 benchmarks/kv_transfer.py --src 0 --dst 1 ;;
     two-gpu-disaggregated|two-gpu-aggregated)
       serve_setup
-      python3 benchmarks/serve_gpu.py --gpus 0,1 --modes "${what#two-gpu-}" --isl 4000 --osl 200 \
-        --concurrency 1,4,8 --requests 8 --slo-ttft-ms 1000 --slo-itl-ms 50 --name "serve_gpu-2gpu-${what#two-gpu-}" ;;
+      python3 benchmarks/serve_gpu.py --gpus 0,1 --modes "${what#two-gpu-}" --isl 4000 --osl 200 --cuda-graphs \
+        --kv-blocks 24576 --rates 1,2,4,6,8 --slo-ttft-ms 1000 --slo-itl-ms 50 --name "serve_gpu-2gpu-${what#two-gpu-}" ;;
     two-gpu-tp) python3 benchmarks/tensor_parallel.py \
       && mpirun -np 2 --allow-run-as-root -x PYTHONPATH -x OUT -x NCCL_NVLS_ENABLE=0 \
         -x TORCH_SYMM_MEM_DISABLE_MULTICAST=1 -x NVSHMEM_DISABLE_NVLS=1 python3 benchmarks/tensor_parallel.py ;;

@@ -17,6 +17,14 @@ class EngineError(Exception):
     """A request the engine cannot serve; the message says why."""
 
 
+class KvCacheFull(EngineError):
+    """Not enough free KV blocks now; `total` says whether there ever could be."""
+
+    def __init__(self, needed: int, free: int, total: int):
+        super().__init__(f"KV cache full: {needed} blocks needed, {free} free of {total}")
+        self.needed, self.free, self.total = needed, free, total
+
+
 class LayoutMismatch(EngineError):
     pass
 
@@ -203,7 +211,7 @@ class BlockAllocator:
 
     def allocate(self, owner: str, n: int) -> list[int]:
         if n > len(self._free):
-            raise EngineError(f"KV cache full: {n} blocks needed, {len(self._free)} free of {self.num_blocks}")
+            raise KvCacheFull(n, len(self._free), self.num_blocks)
         ids = self._contiguous(n) or sorted(self._free)[:n]
         self._free.difference_update(ids)
         self._owned.setdefault(owner, []).extend(ids)

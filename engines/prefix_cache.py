@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 
-from engines.base import BlockAllocator, EngineError
+from engines.base import BlockAllocator, KvCacheFull
 
 
 def next_hash(previous: bytes, block: list[int]) -> bytes:
@@ -43,7 +43,7 @@ class CachingBlockAllocator(BlockAllocator):
 
     def allocate(self, owner: str, n: int) -> list[int]:
         if n > self.free:
-            raise EngineError(f"KV cache full: {n} blocks needed, {self.free} free of {self.num_blocks}")
+            raise KvCacheFull(n, self.free, self.num_blocks)
         take = min(n, len(self._free))
         ids = (self._contiguous(take) or sorted(self._free)[:take]) if take else []
         self._free.difference_update(ids)

@@ -281,7 +281,7 @@ class Frontend:
         for stage, seconds in stages.items():
             if seconds is not None:
                 self.metrics.stages.labels(stage, trace.get("decode_worker", worker) if stage in (
-                    "kv_transfer", "decode_first") else worker).observe(seconds)
+                    "kv_wait", "kv_transfer", "decode_first") else worker).observe(seconds)
 
 
 def control_app(fe: Frontend, on_ready: Callable[[], None] | None = None) -> FastAPI:

@@ -3,9 +3,10 @@
 extra is installed. Without one, the run folder's trace.jsonl is the record.
 
 One trace per request: a root span from receipt to the last token, `preprocess`, `prefill` (the frontend's round
-trip) with the prefill worker's `encode`, `queue` and `compute` inside it, and on disaggregated requests a
-`decode first step` span with `kv_transfer`. Worker stages are durations measured on the worker. They are laid end
-to end inside the frontend's window, so their order is drawn, not measured; their lengths are measured."""
+trip) with the prefill worker's `encode`, `queue` and `compute` inside it, and on disaggregated requests
+`kv_wait` (room in a full KV cache), `kv_transfer` and `decode first step`. Worker stages are durations measured
+on the worker. They are laid end to end inside the frontend's window, so their order is drawn, not measured; their
+lengths are measured."""
 
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ class SpanExporter:
         decode = record.get("decode") or {}
         if decode:
             at = prefill_end
+            if "kv_wait" in decode:
+                at = self._child("kv_wait", at, decode["kv_wait"], ctx)
             if "kv_transfer" in decode:
                 at = self._child("kv_transfer", at, decode["kv_transfer"], ctx, {"bytes": decode.get("kv_bytes", 0)})
             self._child("decode first step", at, decode.get("decode_first", 0.0), ctx,

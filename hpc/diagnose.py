@@ -124,6 +124,7 @@ def diagnose(records: list[dict], workers: dict | None = None) -> tuple[dict, li
     second = [r["second_token"] for r in records if r.get("second_token")]
     if any(r.get("decode") for r in records):
         summary["second_token_p50_ms"] = ms(p(second, 0.5))
+        summary["kv_wait_p50_ms"] = ms(p([(r.get("decode") or {}).get("kv_wait") for r in records], 0.5))
         summary["kv_transfer_p50_ms"] = ms(p([(r.get("decode") or {}).get("kv_transfer") for r in records], 0.5))
         summary["decode_first_p50_ms"] = ms(p([(r.get("decode") or {}).get("decode_first") for r in records], 0.5))
     rows = per_worker(records)
@@ -131,7 +132,7 @@ def diagnose(records: list[dict], workers: dict | None = None) -> tuple[dict, li
                               "compute_ms_per_1k_tokens": ms(p(row["compute_per_1k"], 0.5)),
                               "ttft_p50_ms": ms(p(row["ttft"], 0.5))} for w, row in sorted(rows.items())}
     findings = _slow(rows) + _overloaded(rows, workers) + _saturated(rows, workers) + _dispatch(records) \
-        + _transfer(records) + _decode(records, workers)
+        + _transfer(records) + _kv_full(records) + _decode(records, workers)
     return summary, findings or [Finding("healthy", None, "TTFT is the prefill compute itself; nothing to fix",
                                          {"compute_p50_ms": ms(p(stage["compute"], 0.5)),
                                           "ttft_p50_ms": ms(p(ttft, 0.5))})]
@@ -223,6 +224,26 @@ def _transfer(records: list[dict]) -> list[Finding]:
                                {"share": round(share, 3), "gbps": round(gbps, 3),
                                 "transfer_p50_ms": ms(p(r["transfer"], 0.5))}))
     return out
+
+
+def _kv_full(records: list[dict]) -> list[Finding]:
+    """Decode requests that waited for room in a full KV cache (the decode worker measures the wait)."""
+    waits = [((r.get("decode") or {}).get("kv_wait"), r["second_token"], r.get("decode_worker"))
+             for r in records if (r.get("decode") or {}).get("kv_wait") is not None and r.get("second_token")]
+    share = p([w / s for w, s, _ in waits], 0.5)
+    if share is None or share < DECODE_SHARE:
+        return []
+    by_worker: dict[str, list[float]] = {}
+    for w, _, worker in waits:
+        by_worker.setdefault(worker or "?", []).append(w)
+    worst = max(by_worker, key=lambda k: p(by_worker[k], 0.5))
+    wait = p([w for w, _, _ in waits], 0.5)
+    return [Finding("decode KV full", worst, f"decode requests wait {1000 * wait:.0f} ms (p50) for room in the decode "
+                                             f"workers' KV cache, {100 * share:.0f}% of the time to the second token: "
+                                             f"add decode workers, or give them more KV blocks (num_kv_blocks, "
+                                             f"kv_cache_config.free_gpu_memory_fraction)",
+                    {"kv_wait_p50_ms": ms(wait), "share": round(share, 3),
+                     "kv_wait_p50_ms_by_worker": {k: ms(p(v, 0.5)) for k, v in sorted(by_worker.items())}})]
 
 
 def _decode(records: list[dict], workers: dict) -> list[Finding]:

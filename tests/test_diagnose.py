@@ -142,6 +142,17 @@ def test_a_full_decode_pool_is_named(tmp_path, tiny_model, env):
     assert f["evidence"]["decode_first_p50_ms"] >= 30, f
 
 
+def test_a_full_decode_kv_cache_is_named_with_the_wait(tmp_path, tiny_model, env):
+    prefill = mocker_yaml(tmp_path / "p.yaml")
+    decode = mocker_yaml(tmp_path / "d.yaml", decode_step_ms=10, num_kv_blocks=10)
+    # 64 + 12 tokens take 5 blocks: two requests at a time fit, eight are sent at once
+    code, d = run_and_diagnose(tmp_path, "dx-kvfull", tiny_model, env, prefill, decode,
+                               lambda url: traffic(url, 16, 64, 12, 8))
+    assert code == 1
+    f = next(f for f in d["findings"] if f["kind"] == "decode KV full")
+    assert f["evidence"]["kv_wait_p50_ms"] >= 50 and "num_kv_blocks" in f["message"], f  # 12 steps of 10 ms
+
+
 def test_time_outside_the_engines_is_named_with_the_side_that_holds_it():
     """TTFT that is mostly neither queue nor compute is named: in the round trip to the worker or in the frontend,
     whichever holds it. A few ms of messaging, or a TTFT that is the engine's compute, is not a finding."""

@@ -165,6 +165,38 @@ async def test_mocker_disaggregated_moves_real_bytes(tmp_path, tiny_model):
         nats.stop()
 
 
+async def test_a_full_decode_kv_cache_makes_requests_wait_their_turn_not_fail(tmp_path, tiny_model):
+    """The decode worker's pool holds 16 blocks: two of these requests at a time (7 blocks each). Six sent at once
+    all finish with the aggregated worker's tokens, the later ones after waiting for room; one that could never fit
+    fails at once, saying why."""
+    etcd, nats = start_etcd(tmp_path / "etcd"), start_nats(tmp_path / "nats")
+    small = tmp_path / "small.yaml"
+    small.write_text("num_kv_blocks: 16\nmocker: {decode_step_ms: 6, kv_bytes_per_token: 4096}\n")
+    ws = [start_worker(tmp_path, role, tiny_model, etcd.url, nats.url, dep, "mocker", config)
+          for role, dep, config in (("aggregated", "kagg", MOCKER_YAML), ("prefill", "kdis", MOCKER_YAML),
+                                    ("decode", "kdis", small))]
+    try:
+        for w in ws:
+            w.wait_ready()
+        async with ServingClient("kagg", etcd.url, nats.url) as agg, ServingClient("kdis", etcd.url, nats.url) as dis:
+            ps = [[i] + list(range(10, 109)) for i in range(6)]  # 100 tokens + 8 new: 7 blocks of 16
+            traces = [{} for _ in ps]
+
+            async def run(p, trace):
+                return [t async for d in dis.generate(MODEL, p, GREEDY, trace=trace) for t in d.token_ids]
+
+            got = await asyncio.gather(*(run(p, t) for p, t in zip(ps, traces)))
+            assert got == [await tokens(agg, p) for p in ps]
+            assert max(t["decode"]["kv_wait"] for t in traces) > 0.005  # some waited for a step or more
+            with pytest.raises(ServingError, match="need 18 KV blocks; this decode worker has 16"):
+                await tokens(dis, list(range(10, 290)))  # 280 + 8 tokens: 18 blocks
+    finally:
+        for w in ws:
+            w.stop()
+        etcd.stop()
+        nats.stop()
+
+
 async def test_requests_fail_fast_without_a_server_and_time_out_without_a_reply(nats):
     bus = await Bus.connect(nats.url, "t")
     t0 = time.monotonic()

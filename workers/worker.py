@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from engines.base import EngineError, EngineRequest, KvLayout as EngineLayout, SamplingParams
+from engines.base import EngineError, EngineRequest, KvCacheFull, KvLayout as EngineLayout, SamplingParams
 from hpc.config import EngineConfig
 from hpc.runtime import discovery
 from hpc.runtime.messaging import Bus
@@ -87,6 +87,8 @@ class Worker:
         self.encoders: RemoteEncoders | None = None  # E/P/D prefill: the deployment's encode workers
         self.stage: EmbeddingStage | None = None  # an encode worker's embeddings for prefill workers to read
         self.cache: EncodeCache | None = None
+        self.kv_queue = asyncio.Lock()  # decode: requests waiting for room in a full KV cache, first come first
+        self.kv_waiting = 0
 
     def engine_device(self):
         import torch
@@ -363,7 +365,7 @@ class Worker:
         if mismatch:
             raise _Reply("layout_mismatch", f"the prefill worker's KV layout does not fit this decode worker: "
                                             f"{mismatch}")
-        blocks = self.engine.allocate(rid, kv.num_tokens, req.sampling.max_tokens)
+        blocks, waited = await self.reserve_kv(rid, kv.num_tokens, req.sampling.max_tokens)
         try:
             result = await self.transfer.read(kv, blocks[: len(kv.block_ids)], rid, self.o.transfer_timeout)
         except (TransferError, asyncio.CancelledError) as e:
@@ -379,12 +381,35 @@ class Worker:
         self.metrics.kv_gbps.labels(result.path).set(result.gbps)
         await self._stream(rid, self.engine.decode(self.engine_request(req), req.first_token, blocks,
                                                    kv.num_tokens), reply,
-                           {"kv_transfer": result.seconds, "kv_bytes": float(result.bytes)})
+                           {"kv_wait": waited, "kv_transfer": result.seconds, "kv_bytes": float(result.bytes)})
+
+    async def reserve_kv(self, rid: str, num_tokens: int, max_tokens: int) -> tuple[list[int], float]:
+        """Blocks for a request's KV and the seconds it waited for them. A full cache makes the request wait, in
+        arrival order, for running ones to finish, as an engine's scheduler holds a request it cannot admit yet;
+        the prefill worker keeps the KV meanwhile. It fails only if the request could never fit, or after
+        transfer_timeout."""
+        t0 = time.monotonic()
+        self.kv_waiting += 1
+        try:
+            async with self.kv_queue:
+                while True:
+                    try:
+                        return self.engine.allocate(rid, num_tokens, max_tokens), time.monotonic() - t0
+                    except KvCacheFull as e:
+                        if e.needed > e.total:
+                            raise _Reply("bad_request", f"{num_tokens} prompt + {max_tokens} new tokens need "
+                                                        f"{e.needed} KV blocks; this decode worker has {e.total}")
+                        if time.monotonic() - t0 > self.o.transfer_timeout:
+                            raise _Reply("unavailable", f"the decode worker's KV cache stayed full for "
+                                                        f"{self.o.transfer_timeout:g} s ({e})")
+                    await asyncio.sleep(0.002)  # running requests free blocks as they finish
+        finally:
+            self.kv_waiting -= 1
 
     def stats(self) -> WorkerStats:
         s = self.engine.stats()
         t = self.transfer
-        return WorkerStats(self.o.worker_id, self.o.role, s.waiting, s.running, s.held, s.kv_blocks_total,
+        return WorkerStats(self.o.worker_id, self.o.role, s.waiting + self.kv_waiting, s.running, s.held, s.kv_blocks_total,
                            s.kv_blocks_free, len(self.tasks), t.transfers if t else 0,
                            t.bytes_moved if t else 0, t.seconds if t else 0.0, s.prompt_tokens,
                            s.reused_prompt_tokens, s.generated_tokens)
