@@ -6,7 +6,8 @@ decode step takes `decode_step_ms + per-sequence + per-context` time for the who
 a recent prompt already computed, as a real engine's prefix cache does: the timing a KV-aware router is for. Tokens are a
 deterministic function of the prompt and position, so aggregated and disaggregated runs agree. The KV pool is real
 memory: prefill writes a pattern into its blocks and a decode worker that pulls them moves real bytes through NIXL,
-so the transport is exercised at scale without GPUs."""
+so the transport is exercised at scale without GPUs. A full pool makes a new request wait for blocks, as a real
+engine's scheduler does."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from typing import AsyncIterator
 
 import torch
 
-from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStats, KvLayout, PrefillOutput,
-                          TokenOutput, blocks_for, content_keys, stream_until_finished)
+from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStats, KvCacheFull, KvLayout,
+                          PrefillOutput, TokenOutput, blocks_for, content_keys, stream_until_finished)
 from engines.prefix_cache import block_hashes
 
 
@@ -107,6 +108,7 @@ class MockerEngine:
         self._waiting = 0
         self._held: set[str] = set()
         self._wakeup: asyncio.Event | None = None
+        self._freed: asyncio.Event | None = None  # set when blocks go back to the pool: for requests waiting for room
         self._task: asyncio.Task | None = None
         self._prompt_tokens = self._generated_tokens = self._reused_tokens = 0
         self._prefix = PrefixCache(o.num_blocks) if o.block_reuse else None
@@ -114,6 +116,7 @@ class MockerEngine:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._prefill_lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
+        self._freed = asyncio.Event()
         self._task = loop.create_task(self._decode_loop())
 
     def shutdown(self) -> None:
@@ -164,21 +167,44 @@ class MockerEngine:
         finally:
             self._waiting -= 1
 
+    def _free(self, owner: str) -> int:
+        freed = self._alloc.free_owner(owner)
+        if freed and self._freed is not None:
+            self._freed.set()
+        return freed
+
+    async def _allocate(self, owner: str, tokens: int) -> list[int]:
+        """Blocks for a new request; with the pool full it waits for running requests to free theirs, as a real
+        engine's scheduler holds a request it cannot admit yet (one that could never fit fails at once)."""
+        n = blocks_for(tokens, self.o.block_size)
+        self._waiting += 1
+        try:
+            while True:
+                try:
+                    return self._alloc.allocate(owner, n)
+                except KvCacheFull as e:
+                    if e.needed > e.total:
+                        raise
+                self._freed.clear()
+                await self._freed.wait()
+        finally:
+            self._waiting -= 1
+
     async def _first_token(self, req: EngineRequest, reserve_tokens: int) -> tuple[int, str | None, list[int], int,
                                                                                    dict]:
         """Prefill, then the first token; the blocks are freed again if that token already ends the request."""
         self._check(req)
-        blocks = self._alloc.allocate(req.request_id, blocks_for(reserve_tokens, self.o.block_size))
+        blocks = await self._allocate(req.request_id, reserve_tokens)
         try:
             cached, timing = await self._compute_prefill(req, blocks)
         except BaseException:
-            self._alloc.free_owner(req.request_id)
+            self._free(req.request_id)
             raise
         first = self._token(req, 0)
         self._generated_tokens += 1
         reason = self._reason(req, first, 1)
         if reason:
-            self._alloc.free_owner(req.request_id)
+            self._free(req.request_id)
         return first, reason, blocks, cached, timing
 
     async def prefill(self, req: EngineRequest) -> PrefillOutput:
@@ -193,12 +219,12 @@ class MockerEngine:
 
     def release(self, request_id: str) -> bool:
         self._held.discard(request_id)
-        return self._alloc.free_owner(request_id) > 0
+        return self._free(request_id) > 0
 
     def cancel(self, request_id: str) -> None:
         r = self._running.pop(request_id, None)
         if r:
-            self._alloc.free_owner(request_id)
+            self._free(request_id)
             r.queue.put_nowait(TokenOutput([], "cancelled"))
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]:
@@ -240,7 +266,7 @@ class MockerEngine:
                 reason = self._reason(r.req, token, r.generated)
                 if reason:
                     self._running.pop(r.req.request_id, None)
-                    self._alloc.free_owner(r.req.request_id)
+                    self._free(r.req.request_id)
                 r.queue.put_nowait(TokenOutput([token], reason))
 
     @property

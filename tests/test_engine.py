@@ -194,6 +194,28 @@ async def test_mocker_block_reuse_skips_cached_prefix_blocks():
             assert stats.reused_prompt_tokens == 0 and warm > cold / 2
 
 
+async def test_mocker_with_a_full_kv_pool_queues_requests_instead_of_failing_them():
+    """8 blocks hold two of these requests at a time: six sent at once all finish, with the tokens each gets alone;
+    one that could never fit fails at once."""
+    from engines.mocker import MockerEngine, MockerOptions
+
+    engine = MockerEngine(MockerOptions(prefill_overhead_ms=0, decode_step_ms=2, num_blocks=8))
+    engine.start(asyncio.get_running_loop())
+
+    async def run(i, prompt_tokens=40):  # 40 + 20 tokens: 4 blocks
+        req = EngineRequest(f"r{i}", [i + 1] * prompt_tokens, SamplingParams(max_tokens=20, ignore_eos=True))
+        return [t async for out in engine.generate(req) for t in out.token_ids]
+
+    try:
+        together = await asyncio.gather(*(run(i) for i in range(6)))
+        assert together == [await run(i) for i in range(6)] and all(len(t) == 20 for t in together)
+        assert engine.stats().kv_blocks_free == 8
+        with pytest.raises(EngineError, match="KV cache full: 10 blocks needed, .* of 8"):
+            await run(99, prompt_tokens=130)  # 150 tokens: 10 blocks
+    finally:
+        engine.shutdown()
+
+
 def test_batched_decode_attention_equals_per_sequence(model_dir):
     """The decode path (every decoding sequence in one gather and one attention call per layer, contexts padded
     and masked) gives the logits of attending to each sequence alone."""
