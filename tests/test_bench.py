@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from contextlib import asynccontextmanager
 import sys
 from pathlib import Path
 
@@ -35,6 +36,21 @@ STREAMS = {  # what each fake server sends for any completion
 }
 
 
+@asynccontextmanager
+async def http_server(handle, route: str):
+    """A real HTTP server on loopback that answers POSTs to `route` with `handle`; yields its URL."""
+    app = web.Application()
+    app.router.add_post(route, handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 def server():
     """A real HTTP server on loopback; the path picks the stream."""
@@ -46,18 +62,8 @@ def server():
         return resp
 
     async def run(kind: str) -> b.Result:
-        app = web.Application()
-        app.router.add_post("/{kind}/v1/completions", handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
-            async with b.session(1, 10) as client:
-                return await b.one(client, f"http://127.0.0.1:{port}/{kind}", "m", list(range(32)), 3)
-        finally:
-            await runner.cleanup()
+        async with http_server(handle, "/{kind}/v1/completions") as url, b.session(1, 10) as client:
+            return await b.one(client, f"{url}/{kind}", "m", list(range(32)), 3)
 
     return lambda kind: asyncio.run(run(kind))
 
@@ -161,17 +167,8 @@ def test_at_a_request_rate_requests_go_out_on_schedule_not_after_the_last_answer
         return resp
 
     async def run():
-        app = web.Application()
-        app.router.add_post("/v1/completions", handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
-        try:
-            return await b.level(f"http://127.0.0.1:{port}", "m", [list(range(8))] * 30, 2, 64, 10, rate=300.0)
-        finally:
-            await runner.cleanup()
+        async with http_server(handle, "/v1/completions") as url:
+            return await b.level(url, "m", [list(range(8))] * 30, 2, 64, 10, rate=300.0)
 
     results, wall = asyncio.run(run())
     assert all(r.error is None for r in results)

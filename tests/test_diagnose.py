@@ -130,27 +130,21 @@ def test_a_slow_kv_transfer_is_named(tmp_path, tiny_model, env):
         0.35 * f["evidence"]["transfer_p50_ms"], f
 
 
-def test_a_full_decode_pool_is_named(tmp_path, tiny_model, env):
+@pytest.mark.parametrize("name, decode_options, kind, key, least", [
+    # a decode worker that steps 2 at a time: a new request waits for running ones, several 15 ms steps
+    ("dx-decode", {"decode_step_ms": 15, "max_batch_size": 2}, "decode", "decode_first_p50_ms", 30),
+    # 64 + 12 tokens take 5 of its 10 KV blocks: two requests fit, the others wait 12 steps of 10 ms for room
+    ("dx-kvfull", {"decode_step_ms": 10, "num_kv_blocks": 10}, "decode KV full", "kv_wait_p50_ms", 50),
+])
+def test_a_full_decode_worker_is_named_with_what_is_full(tmp_path, tiny_model, env, name, decode_options, kind, key,
+                                                         least):
     prefill = mocker_yaml(tmp_path / "p.yaml")
-    decode = mocker_yaml(tmp_path / "d.yaml", decode_step_ms=15, max_batch_size=2)
-    # 8 long streams at once into a decode worker that steps 2 at a time
-    code, d = run_and_diagnose(tmp_path, "dx-decode", tiny_model, env, prefill, decode,
-                               lambda url: traffic(url, 16, 64, 12, 8))
+    decode = mocker_yaml(tmp_path / "d.yaml", **decode_options)
+    code, d = run_and_diagnose(tmp_path, name, tiny_model, env, prefill, decode,
+                               lambda url: traffic(url, 16, 64, 12, 8))  # 8 long streams at once
     assert code == 1
-    f = next(f for f in d["findings"] if f["kind"] == "decode")
-    # a new request waits for running ones to finish: several 15 ms steps
-    assert f["evidence"]["decode_first_p50_ms"] >= 30, f
-
-
-def test_a_full_decode_kv_cache_is_named_with_the_wait(tmp_path, tiny_model, env):
-    prefill = mocker_yaml(tmp_path / "p.yaml")
-    decode = mocker_yaml(tmp_path / "d.yaml", decode_step_ms=10, num_kv_blocks=10)
-    # 64 + 12 tokens take 5 blocks: two requests at a time fit, eight are sent at once
-    code, d = run_and_diagnose(tmp_path, "dx-kvfull", tiny_model, env, prefill, decode,
-                               lambda url: traffic(url, 16, 64, 12, 8))
-    assert code == 1
-    f = next(f for f in d["findings"] if f["kind"] == "decode KV full")
-    assert f["evidence"]["kv_wait_p50_ms"] >= 50 and "num_kv_blocks" in f["message"], f  # 12 steps of 10 ms
+    f = next(f for f in d["findings"] if f["kind"] == kind)
+    assert f["evidence"][key] >= least, f
 
 
 def test_time_outside_the_engines_is_named_with_the_side_that_holds_it():
