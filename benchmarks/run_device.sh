@@ -29,8 +29,8 @@ for what in "$@"; do
     decode-profile) python3 benchmarks/decode_profile.py ;;
     serve-graphs) serve_setup; python3 benchmarks/serve_gpu.py --cuda-graphs --name serve_gpu-graphs ;;
     # Long prompts arriving during decodes, at request rates, on one GPU (disaggregated: both workers share it).
-    serve-rates) serve_setup; python3 benchmarks/serve_gpu.py --cuda-graphs --isl 4000 --osl 200 --rates 1,2,4 \
-      --slo-ttft-ms 1000 --slo-itl-ms 50 --name serve_gpu-rates ;;
+    serve-rates) serve_setup; python3 benchmarks/serve_gpu.py --cuda-graphs --isl 4000 --osl 200 --rates 1,2,4,6 \
+      --requests 60 --slo-ttft-ms 1000 --slo-itl-ms 50 --name serve_gpu-rates ;;
     two-gpu-embeddings) serve_setup; python3 benchmarks/encode.py --transfer-only --src 0 --dst 1 --name encode-2gpu ;;
     # Two GPUs (nvidia-h200-x2): KV GPU0 -> GPU1, then 1 prefill + 1 decode worker against 2 aggregated workers.
     two-gpu-kv) python3 benchmarks/kv_transfer.py --src 0 --dst 1 ;;

@@ -121,9 +121,9 @@ def main() -> None:
                                           seed=100_000 + seed if rate else 1000 + c)  # not cached later
                 asyncio.run(bench.level(local.url, "llama-3-8b-shape", warm, a.osl, c, 300))
                 rows.append(measure(local, mode, c, prompts, a.osl, n_gpus, slo, rate))
-            # The same prompts with a shared prefix of all but their last 16 tokens: the prefix cache's gain.
+            # 16 of the same prompts with a shared prefix of all but their last 16 tokens: the prefix cache's gain.
             shared = prompts[0][:-16]
-            rows.append(measure(local, f"{mode}, shared prefix", 1, [shared + p[-16:] for p in prompts[:a.requests]],
+            rows.append(measure(local, f"{mode}, shared prefix", 1, [shared + p[-16:] for p in prompts[:16]],
                                 a.osl, n_gpus, slo))
         finally:
             stuck = local.stop()
