@@ -31,12 +31,15 @@ from hpc import bench  # noqa: E402
 from hpc.config import load_deployment  # noqa: E402
 from hpc.serve import LocalDeployment  # noqa: E402
 
-ZERO = "mocker: {prefill_tokens_per_s: 1.0e12, prefill_overhead_ms: 0, decode_step_ms: 0, " \
-       "decode_ms_per_sequence: 0, decode_ms_per_1k_context: 0, kv_bytes_per_token: 64, vocab_size: 500}\n"
+# The engine YAML of a mocker that takes no time. Its prefix cache is off on purpose: the benchmarks send a prompt
+# more than once (warm-up, straight to the workers), and no reused token should touch a measured one.
+ZERO = ("mocker: {prefill_tokens_per_s: 1.0e12, prefill_overhead_ms: 0, decode_step_ms: 0, "
+        "decode_ms_per_sequence: 0, decode_ms_per_1k_context: 0, kv_bytes_per_token: 64, vocab_size: 500}\n"
+        "max_batch_size: 256\nkv_cache_config: {enable_block_reuse: false}\n")
 
 
 def deployment(d: Path, name: str, workers: str, processes: int = 1) -> Path:
-    (d / "zero.yaml").write_text(ZERO + "max_batch_size: 256\n")
+    (d / "zero.yaml").write_text(ZERO)
     p = d / f"{name}.yaml"
     p.write_text(f"name: {name}\nmodel: {{path: {d / 'model'}, served_name: mock}}\ncluster: {{gpus_per_node: 0}}\n"
                  f"frontend: {{processes: {processes}}}\nworkers:\n{workers}")
@@ -125,7 +128,8 @@ async def measure(local: LocalDeployment, levels: list[int], n: int, osl: int) -
     rows = []
     for c in levels:
         prompts = bench.make_prompts(n, 32, 10, 500, seed=c)
-        await bench.level(local.url, "mock", prompts[: min(n, 20)], osl, c, 60)  # warm-up
+        warm = bench.make_prompts(min(n, 20), 32, 10, 500, seed=-1 - c)  # prompts of its own
+        await bench.level(local.url, "mock", warm, osl, c, 60)
         results, wall = await bench.level(local.url, "mock", prompts, osl, c, 60)
         rows.append(bench.summarize(c, results, wall))
         if c > 1:
@@ -134,7 +138,7 @@ async def measure(local: LocalDeployment, levels: list[int], n: int, osl: int) -
 
 
 KEYS = ("concurrency", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "req_s",
-        "output_tok_s")
+        "output_tok_s", "cached_tokens")
 
 
 def main() -> None:
@@ -173,8 +177,7 @@ def main() -> None:
                 local.stop()
     path = write_result("frontend", rows, {"osl": args.osl, "isl": 32, "cpu_cores": os.cpu_count()})
     print(table(rows, ["mode", "frontend_processes", "concurrency", "errors", "ttft_p50_ms", "ttft_p99_ms",
-                       "e2e_p50_ms", "e2e_p99_ms",
-                       "req_s"]))
+                       "e2e_p50_ms", "e2e_p99_ms", "req_s", "cached_tokens"]))
     print("\nTTFT p50 / p99 in ms: through the frontend over HTTP, straight to the workers (runtime client, no "
           "HTTP), and the difference:")
     print(table(rows, ["mode", "frontend_processes", "concurrency", "frontend_ttft_p50_ms", "direct_ttft_p50_ms",

@@ -108,7 +108,7 @@ class DynamoStack:
 
 def hpc_stack(model: Path, work: Path, processes: int) -> LocalDeployment:
     work.mkdir(parents=True, exist_ok=True)
-    (work / "zero.yaml").write_text(ZERO + "max_batch_size: 256\n")
+    (work / "zero.yaml").write_text(ZERO)
     cfg = work / "peer-hpc.yaml"
     cfg.write_text(f"name: peer-hpc\nmodel: {{path: {model}, served_name: mock}}\ncluster: {{gpus_per_node: 0}}\n"
                    f"frontend: {{processes: {processes}}}\n"
@@ -153,7 +153,8 @@ def main() -> None:
     path = write_result(args.name, rows, {"osl": OSL, "isl": ISL, "rounds": args.rounds,
                                               "cpu_cores": os.cpu_count(), "hpc_frontend_processes": args.processes})
     print(table(rows, ["stack", "concurrency", "rate_req_s", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms",
-                       "e2e_p50_ms", "req_s", "output_tok_s", "server_cpu_ms_per_req", "client_cpu_ms_per_req", "server_cores"]))
+                       "e2e_p50_ms", "req_s", "output_tok_s", "server_cpu_ms_per_req", "client_cpu_ms_per_req",
+                       "server_cores", "cached_tokens"]))
     for i in range(0, len(rows), 2):
         a, b = rows[i], rows[i + 1]
         at = f"rate {a['rate_req_s']} req/s" if a["rate_req_s"] else f"concurrency {a['concurrency']}"
@@ -172,8 +173,8 @@ async def compare(stacks: dict, levels: list[tuple[int, float | None]], args) ->
             for name in order:
                 url, model, pids = stacks[name]
                 prompts = bench.make_prompts(args.requests, ISL, 10, 500, seed=1000 * c + int(rate or 0) + rnd)
-                if rnd == 0:
-                    await bench.level(url, model, prompts[:20], OSL, c, 60)  # warm-up
+                if rnd == 0:  # warm-up, on prompts of its own
+                    await bench.level(url, model, bench.make_prompts(20, ISL, 10, 500, seed=-1 - c), OSL, c, 60)
                 server, client = cpu_seconds(pids), time.process_time()
                 results, wall = await bench.level(url, model, prompts, OSL, c, 60, rate=rate)
                 server, client = cpu_seconds(pids) - server, time.process_time() - client

@@ -226,10 +226,15 @@ def _transfer(records: list[dict]) -> list[Finding]:
     return out
 
 
+def _decode_stage(records: list[dict], stage: str) -> list[tuple[float, float, str | None]]:
+    """(a decode-side stage's seconds, the time to the second token, the decode worker) of each request with both."""
+    return [(r["decode"][stage], r["second_token"], r.get("decode_worker"))
+            for r in records if (r.get("decode") or {}).get(stage) is not None and r.get("second_token")]
+
+
 def _kv_full(records: list[dict]) -> list[Finding]:
     """Decode requests that waited for room in a full KV cache (the decode worker measures the wait)."""
-    waits = [((r.get("decode") or {}).get("kv_wait"), r["second_token"], r.get("decode_worker"))
-             for r in records if (r.get("decode") or {}).get("kv_wait") is not None and r.get("second_token")]
+    waits = _decode_stage(records, "kv_wait")
     share = p([w / s for w, s, _ in waits], 0.5)
     if share is None or share < DECODE_SHARE:
         return []
@@ -247,8 +252,7 @@ def _kv_full(records: list[dict]) -> list[Finding]:
 
 
 def _decode(records: list[dict], workers: dict) -> list[Finding]:
-    waits = [((r.get("decode") or {}).get("decode_first"), r.get("second_token"), r.get("decode_worker"))
-             for r in records if (r.get("decode") or {}).get("decode_first") is not None and r.get("second_token")]
+    waits = _decode_stage(records, "decode_first")
     if not waits:
         return []
     share = p([w / s for w, s, _ in waits], 0.5)

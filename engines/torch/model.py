@@ -18,7 +18,7 @@ from torch.nn.attention.bias import causal_lower_right
 from engines.torch.fused import add_rms_norm, silu_mul
 from engines.torch.paged_attention import paged_decode
 from engines.torch.rotary import rope_and_store
-from engines.torch.skinny import skinny_linear, usable as skinny_usable
+from engines.torch.skinny import skinny_linear, usable as skinny_usable, warm_up as tune_skinny
 
 
 @dataclass(frozen=True)
@@ -297,9 +297,7 @@ class LlamaForCausalLM(nn.Module):
         for module in linears:
             module.skinny = skinny
         if skinny:
-            from engines.torch.skinny import warm_up
-
-            warm_up(linears)
+            tune_skinny(linears)
 
     def kv_block_shape(self, block_size: int) -> tuple[int, ...]:
         """One block of this rank's KV heads (all of them without tensor parallelism)."""
