@@ -19,6 +19,13 @@ LLAMA3_8B = {
     "max_position_embeddings": 131072, "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
 }
 
+# The engine YAML of a mocker that takes no time (the frontend benchmarks). Its prefix cache is off on purpose: the
+# benchmarks send a prompt more than once (warm-up, straight to the workers), and no reused token should touch a
+# measured one.
+ZERO = ("mocker: {prefill_tokens_per_s: 1.0e12, prefill_overhead_ms: 0, decode_step_ms: 0, "
+        "decode_ms_per_sequence: 0, decode_ms_per_1k_context: 0, kv_bytes_per_token: 64, vocab_size: 500}\n"
+        "max_batch_size: 256\nkv_cache_config: {enable_block_reuse: false}\n")
+
 
 def model_dir(layers: int = 32) -> Path:
     """A config-only model directory; engines built with random_weights=True need nothing else."""
@@ -68,3 +75,14 @@ def cpu_seconds(roots: list[int]) -> float:
         family.add(pid)
         todo.extend(p for p, (ppid, _) in stats.items() if ppid == pid and p not in family)
     return sum(stats[p][1] for p in family)
+
+
+def delayed_acks() -> int:
+    """TCP ACKs this host's kernel has held back so far (TcpExt DelayedACKs, /proc/net/netstat). A sender that
+    leaves Nagle's algorithm on waits for one of these: 40 ms at least on Linux. Host-wide, so read it around a
+    run with nothing else talking."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split()[1:], values.split()[1:]))["DelayedACKs"])
+    raise RuntimeError("/proc/net/netstat has no TcpExt line")

@@ -25,17 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import table, write_result  # noqa: E402
+from benchmarks.common import ZERO, table, write_result  # noqa: E402
 from engines.torch.tiny import make_tiny_model  # noqa: E402
 from hpc import bench  # noqa: E402
 from hpc.config import load_deployment  # noqa: E402
 from hpc.serve import LocalDeployment  # noqa: E402
-
-# The engine YAML of a mocker that takes no time. Its prefix cache is off on purpose: the benchmarks send a prompt
-# more than once (warm-up, straight to the workers), and no reused token should touch a measured one.
-ZERO = ("mocker: {prefill_tokens_per_s: 1.0e12, prefill_overhead_ms: 0, decode_step_ms: 0, "
-        "decode_ms_per_sequence: 0, decode_ms_per_1k_context: 0, kv_bytes_per_token: 64, vocab_size: 500}\n"
-        "max_batch_size: 256\nkv_cache_config: {enable_block_reuse: false}\n")
 
 
 def deployment(d: Path, name: str, workers: str, processes: int = 1) -> Path:

@@ -2,6 +2,7 @@
 
     python benchmarks/peer_dynamo.py [--dynamo-python PATH] [--concurrency 1,16,64] [--rates 300,600]
                                      [--requests 400] [--rounds 3] [--processes N]
+                                     [--client-processes N]
 
 Installs nothing. It needs Dynamo importable by `--dynamo-python` (default: this interpreter), e.g. in a venv of
 its own:
@@ -17,14 +18,15 @@ model (tokenizer), the same distinct 32-token prompts, 16 output tokens, the sam
 At each level (a concurrency: closed loop; a request rate: open loop, Poisson arrivals) the two stacks take turns,
 round by round, the first alternating, so both see the same machine; each row pools its rounds. Each row also
 gives the CPU time per request of the stack's processes (etcd, NATS, frontends, workers: read from /proc, whatever
-their language) and of the load generator. On a machine the load saturates, a closed loop's latency is the
-concurrency over the throughput, so those say where the time goes; an open loop compares latency at the same load.
+their language) and of the load generator; how many requests were waiting for a first token and how many were
+streaming the rest, on average (Little's law); and the TCP ACKs the kernel delayed per request. On a machine the
+load saturates, a closed loop's latency is the concurrency over the throughput, so those say where the time goes;
+an open loop compares latency at the same load.
 Prints both tables and writes benchmarks/results/peer_dynamo.json."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -36,9 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import cpu_seconds, table, write_result  # noqa: E402
-from benchmarks.frontend import ZERO  # noqa: E402
-from engines.torch.tiny import make_tiny_model  # noqa: E402
+from benchmarks.common import ZERO, cpu_seconds, delayed_acks, table, write_result  # noqa: E402
 from frontend.processes import default_processes  # noqa: E402
 from hpc import bench  # noqa: E402
 from hpc.config import load_deployment  # noqa: E402
@@ -127,6 +127,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=400, help="per stack, level and round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--processes", type=int, default=default_processes(), help="hpc frontend processes")
+    p.add_argument("--client-processes", type=int, default=1, help="load-generating processes (hpc bench's "
+                   "--client-processes): more where one is the bottleneck and cores are spare")
     p.add_argument("--name", default="peer_dynamo", help="result file name (without .json)")
     args = p.parse_args()
     missing = dynamo_missing(args.dynamo_python)
@@ -134,6 +136,8 @@ def main() -> None:
         print(f"Dynamo is not importable by {args.dynamo_python} ({missing}); this script installs nothing. "
               f"See its docstring for the install.", file=sys.stderr)
         sys.exit(2)
+    from engines.torch.tiny import make_tiny_model  # here: --client-processes' children import this file again
+
     work = Path(tempfile.mkdtemp(prefix="hpc-peer-dynamo-"))
     model = make_tiny_model(work / "model")
     dyn = DynamoStack(args.dynamo_python, model, work / "dynamo")
@@ -145,16 +149,18 @@ def main() -> None:
                       f"hpc ({args.processes} frontend processes)": (ours.url, "mock", hpc_pids)}
             levels = [(int(c), None) for c in args.concurrency.split(",") if c]
             levels += [(RATE_CAP, float(r)) for r in args.rates.split(",") if r]
-            rows = asyncio.run(compare(stacks, levels, args))
+            rows = compare(stacks, levels, args)
         finally:
             ours.stop()
     finally:
         dyn.stop()
     path = write_result(args.name, rows, {"osl": OSL, "isl": ISL, "rounds": args.rounds,
-                                              "cpu_cores": os.cpu_count(), "hpc_frontend_processes": args.processes})
+                                          "cpu_cores": os.cpu_count(), "hpc_frontend_processes": args.processes,
+                                          "client_processes": args.client_processes})
     print(table(rows, ["stack", "concurrency", "rate_req_s", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms",
                        "e2e_p50_ms", "req_s", "output_tok_s", "server_cpu_ms_per_req", "client_cpu_ms_per_req",
-                       "server_cores", "cached_tokens"]))
+                       "server_cores", "client_cores", "before_first_token", "after_first_token",
+                       "delayed_acks_per_req", "cached_tokens"]))
     for i in range(0, len(rows), 2):
         a, b = rows[i], rows[i + 1]
         at = f"rate {a['rate_req_s']} req/s" if a["rate_req_s"] else f"concurrency {a['concurrency']}"
@@ -163,30 +169,42 @@ def main() -> None:
     print(f"Written to {path}")
 
 
-async def compare(stacks: dict, levels: list[tuple[int, float | None]], args) -> list[dict]:
+def occupancy(results: list[bench.Result], wall: float) -> dict:
+    """How many requests were, on average over the run, waiting for their first token and streaming the rest
+    (Little's law: the time they spent there over the wall time). In a closed loop the two add up to the
+    concurrency less the load generator's own share, so at a fixed concurrency a stack that streams the rest of a
+    request sooner has more requests waiting for a first token, and a longer TTFT, at the same throughput."""
+    ok = [r for r in results if r.error is None]
+    return {"before_first_token": round(sum(r.ttft for r in ok) / wall, 1),
+            "after_first_token": round(sum(r.e2e - r.ttft for r in ok) / wall, 1)}
+
+
+def compare(stacks: dict, levels: list[tuple[int, float | None]], args) -> list[dict]:
     """Each level is (concurrency, None): closed loop, or (cap, rate): open loop at that request rate."""
     rows = []
     for c, rate in levels:
-        pooled = {name: ([], 0.0, 0.0, 0.0) for name in stacks}
+        pooled = {name: ([], 0.0, 0.0, 0.0, 0) for name in stacks}
         for rnd in range(args.rounds):
             order = list(stacks) if rnd % 2 == 0 else list(reversed(stacks))
             for name in order:
                 url, model, pids = stacks[name]
                 prompts = bench.make_prompts(args.requests, ISL, 10, 500, seed=1000 * c + int(rate or 0) + rnd)
                 if rnd == 0:  # warm-up, on prompts of its own
-                    await bench.level(url, model, bench.make_prompts(20, ISL, 10, 500, seed=-1 - c), OSL, c, 60)
-                server, client = cpu_seconds(pids), time.process_time()
-                results, wall = await bench.level(url, model, prompts, OSL, c, 60, rate=rate)
-                server, client = cpu_seconds(pids) - server, time.process_time() - client
-                done, total, srv, cli = pooled[name]
-                pooled[name] = (done + results, total + wall, srv + server, cli + client)
-        for name, (results, wall, server, client) in pooled.items():
+                    bench.run_level(url, model, bench.make_prompts(20, ISL, 10, 500, seed=-1 - c), OSL, c, 60)
+                server, acks = cpu_seconds(pids), delayed_acks()
+                results, wall, client = bench.run_level(url, model, prompts, OSL, c, 60, rate, args.client_processes)
+                server = cpu_seconds(pids) - server
+                done, total, srv, cli, held = pooled[name]
+                pooled[name] = (done + results, total + wall, srv + server, cli + client, held + delayed_acks() - acks)
+        for name, (results, wall, server, client, held) in pooled.items():
             ok = max(1, sum(r.error is None for r in results))
             # CPU of every process of the stack (etcd, NATS, frontends, workers) and of the load generator: on a
             # saturated machine latency follows from these, whatever each stack's language
-            row = {"stack": name, **bench.summarize(c, results, wall, rate=rate),
+            row = {"stack": name, **bench.summarize(c, results, wall, rate=rate, client_cpu=client,
+                                                    processes=min(args.client_processes, c)),
                    "server_cpu_ms_per_req": round(1000 * server / ok, 3),
-                   "client_cpu_ms_per_req": round(1000 * client / ok, 3), "server_cores": round(server / wall, 2)}
+                   "client_cpu_ms_per_req": round(1000 * client / ok, 3), "server_cores": round(server / wall, 2),
+                   **occupancy(results, wall), "delayed_acks_per_req": round(held / ok, 2)}
             rows.append(row)
             print({k: row[k] for k in ("stack", "concurrency", "rate_req_s", "errors", "ttft_p50_ms", "ttft_p99_ms",
                                        "req_s")}, flush=True)

@@ -2,7 +2,7 @@
 # Runs the GPU benchmarks on a machine without internet: the NIXL and msgspec packages come unpacked from
 # .carry/site.tgz (see README, "Benchmarks"). Results go to $OUT (or benchmarks/results).
 set -uo pipefail
-mkdir -p /tmp/site && tar xzf .carry/site.tgz -C /tmp/site
+mkdir -p /tmp/site && if [ -f .carry/site.tgz ]; then tar xzf .carry/site.tgz -C /tmp/site; fi
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
@@ -26,6 +26,14 @@ for what in "$@"; do
     encode) serve_setup; python3 benchmarks/encode.py ;;
     tune) serve_setup; python3 benchmarks/tune_prefill.py ;;
     decode) python3 benchmarks/decode.py ;;
+    # NVIDIA Dynamo's frontend and mocker beside hpc's on the 16-core host: .carry/dynamo (docs/benchmarks.md), carried
+    # with .carry/serve and without site.tgz, which would not fit beside it.
+    peer-dynamo) serve_setup
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .carry/dynamo/*.whl
+      tar xJf .carry/dynamo/dynamo.tar.xz -C /tmp/site
+      python3 benchmarks/peer_dynamo.py --dynamo-python python3 --client-processes 4 --rates 1000,2000,3000 \
+        --name peer_dynamo-h200-4clients ;;
     decode-profile) python3 benchmarks/decode_profile.py ;;
     serve-graphs) serve_setup; python3 benchmarks/serve_gpu.py --cuda-graphs --name serve_gpu-graphs ;;
     # Long prompts arriving during decodes, at request rates, on one GPU (disaggregated: both workers share it).

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,13 +147,14 @@ def arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
 
 
 async def level(url: str, model: str, prompts: list[list[int]], osl: int, concurrency: int, timeout: float,
-                advance=lambda: None, rate: float | None = None) -> tuple[list[Result], float]:
+                advance=lambda: None, rate: float | None = None, seed: int | None = None
+                ) -> tuple[list[Result], float]:
     """Send `prompts`: closed loop (each of `concurrency` streams sends its next request when one ends) or, with
     `rate`, open loop (requests arrive at that many per second, Poisson, whatever the server's pace; `concurrency`
     then caps those in flight). Each request is timed from its send; at a rate `late` says how long after its
-    arrival that was."""
+    arrival that was. `seed`: of the arrival times (default: the number of prompts)."""
     gate = asyncio.Semaphore(concurrency)
-    due = arrivals(len(prompts), rate, seed=len(prompts)) if rate else [0.0] * len(prompts)
+    due = arrivals(len(prompts), rate, seed=len(prompts) if seed is None else seed) if rate else [0.0] * len(prompts)
     async with session(concurrency, timeout) as client:
         async def run(p, at):
             if at:
@@ -167,6 +169,61 @@ async def level(url: str, model: str, prompts: list[list[int]], osl: int, concur
         t0 = time.perf_counter()
         results = await asyncio.gather(*(run(p, at) for p, at in zip(prompts, due)))
         return results, time.perf_counter() - t0
+
+
+def _level_in_child(out, ready, url: str, model: str, prompts: list[list[int]], osl: int, concurrency: int,
+                    timeout: float, rate: float | None, seed: int) -> None:
+    """One load-generating process's share: puts its results, when it finished (time.time()) and its CPU
+    seconds on `out`, after every process is ready (`ready`, a barrier), so that none starts late."""
+    ready.wait()
+    cpu = time.process_time()
+    results, _ = asyncio.run(level(url, model, prompts, osl, concurrency, timeout, rate=rate, seed=seed))
+    out.put((results, time.time(), time.process_time() - cpu))
+
+
+def run_level(url: str, model: str, prompts: list[list[int]], osl: int, concurrency: int, timeout: float,
+              rate: float | None = None, processes: int = 1, advance=lambda: None
+              ) -> tuple[list[Result], float, float]:
+    """`level` from `processes` load-generating processes. One Python process can read only so many streams a
+    second; near that, its own event loop's queue, not the server, sets the latencies (`client_cores` in a row
+    shows it). Each process takes every n-th prompt, its share of the concurrency and of the rate (independent
+    Poisson processes add up to one of the whole rate), and all start together. Returns the results, the wall
+    time and the generators' CPU seconds."""
+    processes = max(1, min(processes, concurrency, len(prompts)))
+    if processes == 1:
+        cpu = time.process_time()
+        results, wall = asyncio.run(level(url, model, prompts, osl, concurrency, timeout, advance, rate))
+        return results, wall, time.process_time() - cpu
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of a running event loop
+    out, ready = ctx.Queue(), ctx.Barrier(processes + 1)
+    children = [ctx.Process(target=_level_in_child, daemon=True, args=(
+        out, ready, url, model, prompts[i::processes], osl, concurrency // processes + (i < concurrency % processes),
+        timeout, rate and rate / processes, len(prompts) + i)) for i in range(processes)]
+    for child in children:
+        child.start()
+    try:
+        ready.wait(timeout=60)
+        start, done = time.time(), []
+        while len(done) < processes:
+            try:
+                done.append(out.get(timeout=1))
+            except queue.Empty:
+                if not all(c.is_alive() for c in children) and out.empty():
+                    raise HpcError("a load-generating process died; see its error above") from None
+    except threading.BrokenBarrierError:
+        raise HpcError("the load-generating processes did not start within 60 s") from None
+    finally:
+        for child in children:
+            child.join(timeout=5)
+            if child.is_alive():
+                child.kill()
+    results = [r for rs, _, _ in done for r in rs]
+    for _ in results:
+        advance()
+    return results, max(end for _, end, _ in done) - start, sum(cpu for _, _, cpu in done)
 
 
 @dataclass(frozen=True)
@@ -184,7 +241,9 @@ class Slo:
 
 
 def summarize(concurrency: int, results: list[Result], wall: float, gpus: int = 0, slo: Slo = Slo(),
-              rate: float | None = None) -> dict:
+              rate: float | None = None, client_cpu: float | None = None, processes: int = 1) -> dict:
+    """A row of the results. `client_cpu`: the load generators' CPU seconds, to show how busy each was
+    (`client_cores`, per process: near 1, its own queueing is in the latencies)."""
     ok = [r for r in results if r.error is None]
     ms = lambda xs, p: round(1000 * percentile(xs, p), 2)  # noqa: E731
     ttft, e2e = [r.ttft for r in ok], [r.e2e for r in ok]
@@ -205,6 +264,9 @@ def summarize(concurrency: int, results: list[Result], wall: float, gpus: int = 
             row[f"{name}_p{p}_ms"] = ms(xs, p)
     if rate:  # a client that falls behind its schedule sends a lower rate than the row says: show by how much
         row["late_p99_ms"] = ms([r.late for r in results], 99)
+    if client_cpu is not None:
+        row["client_processes"] = processes
+        row["client_cores"] = round(client_cpu / wall / processes, 2) if wall else None
     if len(ok) < len(results):
         row["first_error"] = next(r.error for r in results if r.error)
     return row

@@ -175,3 +175,37 @@ def test_at_a_request_rate_requests_go_out_on_schedule_not_after_the_last_answer
     assert wall < 1.2 and min(r.ttft for r in results) >= 0.29
     row = b.summarize(64, results, wall, rate=300.0)
     assert row["rate_req_s"] == 300.0 and row["late_p99_ms"] < 100
+
+
+def test_several_load_generating_processes_share_the_prompts_the_concurrency_and_the_rate():
+    """Two processes: every prompt sent once, at most the concurrency in flight across both, all timed; at a rate
+    the two Poisson schedules differ (a seed each) and together keep the rate."""
+    in_flight, most, seen = [0], [0], []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        seen.append((await request.json())["prompt"][0])
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        await asyncio.sleep(0.05)
+        in_flight[0] -= 1
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(sse(chunk("a", 1), chunk("b", 2)))
+        return resp
+
+    prompts = [[i, 1, 2] for i in range(24)]
+
+    async def run(**kw):
+        async with http_server(handle, "/v1/completions") as url:
+            return await asyncio.to_thread(b.run_level, url, "m", prompts, 2, 4, 10, processes=2, **kw)
+
+    results, wall, cpu = asyncio.run(run())
+    assert sorted(seen) == list(range(24)) and all(r.error is None and r.ttft > 0.04 for r in results)
+    assert most[0] == 4 and 0.25 < wall < 2 and cpu > 0  # 24 requests of 50 ms, 4 at a time: 0.3 s
+    row = b.summarize(4, results, wall, client_cpu=cpu, processes=2)
+    assert row["client_processes"] == 2 and 0 < row["client_cores"] < 1
+
+    seen.clear()
+    results, wall, _ = asyncio.run(run(rate=100.0))
+    assert sorted(seen) == list(range(24)) and all(r.error is None for r in results)
+    assert 0.1 < wall < 1.0  # 24 arrivals at 100/s: about 0.24 s, and the last takes 50 ms

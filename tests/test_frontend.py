@@ -133,10 +133,11 @@ def test_hpc_bench_against_the_frontend(stacks, tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "hpc", "bench", "--url", stacks["dis"].url, "--isl", "24", "--osl",
                         "5", "--concurrency", "1,3", "--requests", "6", "--out", str(out), "--plot",
-                        str(tmp_path / "bench.png")], capture_output=True, text=True, timeout=120)
+                        str(tmp_path / "bench.png"), "--client-processes", "2"], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [row["concurrency"] for row in rows] == [1, 3]
+    assert [row["concurrency"] for row in rows] == [1, 3] and [row["client_processes"] for row in rows] == [1, 2]
     assert all(row["errors"] == 0 and row["ttft_p50_ms"] > 0 and row["tpot_p50_ms"] > 0 and row["output_tok_s"] > 0
                for row in rows)
     assert (tmp_path / "bench.png").stat().st_size > 1000

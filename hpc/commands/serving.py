@@ -80,6 +80,8 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
                                                                 "output token after the first (TPOT), ms"),
           export: Optional[Path] = typer.Option(None, help="Also write aiperf-style profile exports into this "
                                                           "folder, one subfolder per concurrency"),
+          client_processes: int = typer.Option(1, min=1, help="Load-generating processes (a busy one's own "
+                                                               "queueing shows in the latencies: see client_cores)"),
           timeout: float = typer.Option(600, help="Per-request timeout, seconds")) -> None:
     """Load-test a server: TTFT, ITL, TPOT, latency percentiles, throughput (per GPU) and goodput per
     concurrency."""
@@ -106,9 +108,9 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
             n = requests or max(8, int(10 * rate) if rate else 4 * c)
             task = progress.add_task(f"rate {rate:g}/s" if rate else f"concurrency {c}", total=n)
             prompts = b.make_prompts(n, isl, first, vocab, seed=int(rate * 1000) if rate else c)
-            results, wall = asyncio.run(b.level(url, name, prompts, osl, c, timeout, lambda: progress.advance(task),
-                                                rate=rate))
-            rows.append(b.summarize(c, results, wall, gpus, slo, rate))
+            results, wall, cpu = b.run_level(url, name, prompts, osl, c, timeout, rate, client_processes,
+                                             lambda: progress.advance(task))
+            rows.append(b.summarize(c, results, wall, gpus, slo, rate, cpu, min(client_processes, c, n)))
             if export:
                 b.export_aiperf(export, results, wall, c, name, url, command, rate)
     table = Table("rate/s" if per_s else "conc", "req", "err", "TTFT p50/p90/p99 ms", "TPOT p50/p99 ms",
@@ -130,6 +132,12 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
         console.print(f"[yellow]the load generator fell behind:[/yellow] at {behind[0]['rate_req_s']:g} requests/s "
                       f"1% of requests left over {behind[0]['late_p99_ms']} ms after their arrival time (this "
                       f"machine's CPU, or --concurrency caps those in flight), so that row's rate was not offered")
+    busy = [r for r in rows if (r.get("client_cores") or 0) >= 0.9]
+    if busy:
+        at = f"{busy[0]['rate_req_s']:g} requests/s" if per_s else f"concurrency {busy[0]['concurrency']}"
+        console.print(f"[yellow]the load generator was busy:[/yellow] at {at} each of its processes used "
+                      f"{busy[0]['client_cores']} of a core, so its own queueing is in the latencies: add "
+                      f"--client-processes (on a machine with cores to spare)")
     if any(r["timing"] == "text" for r in rows):
         console.print("[yellow]timed by text:[/yellow] the server sent no usage per chunk "
                       "(stream_options.continuous_usage_stats), so a token with empty text is not seen")
