@@ -169,16 +169,6 @@ def main() -> None:
     print(f"Written to {path}")
 
 
-def occupancy(results: list[bench.Result], wall: float) -> dict:
-    """How many requests were, on average over the run, waiting for their first token and streaming the rest
-    (Little's law: the time they spent there over the wall time). In a closed loop the two add up to the
-    concurrency less the load generator's own share, so at a fixed concurrency a stack that streams the rest of a
-    request sooner has more requests waiting for a first token, and a longer TTFT, at the same throughput."""
-    ok = [r for r in results if r.error is None]
-    return {"before_first_token": round(sum(r.ttft for r in ok) / wall, 1),
-            "after_first_token": round(sum(r.e2e - r.ttft for r in ok) / wall, 1)}
-
-
 def compare(stacks: dict, levels: list[tuple[int, float | None]], args) -> list[dict]:
     """Each level is (concurrency, None): closed loop, or (cap, rate): open loop at that request rate."""
     rows = []
@@ -204,7 +194,7 @@ def compare(stacks: dict, levels: list[tuple[int, float | None]], args) -> list[
                                                     processes=min(args.client_processes, c)),
                    "server_cpu_ms_per_req": round(1000 * server / ok, 3),
                    "client_cpu_ms_per_req": round(1000 * client / ok, 3), "server_cores": round(server / wall, 2),
-                   **occupancy(results, wall), "delayed_acks_per_req": round(held / ok, 2)}
+                   "delayed_acks_per_req": round(held / ok, 2)}
             rows.append(row)
             print({k: row[k] for k in ("stack", "concurrency", "rate_req_s", "errors", "ttft_p50_ms", "ttft_p99_ms",
                                        "req_s")}, flush=True)

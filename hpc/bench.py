@@ -264,6 +264,11 @@ def summarize(concurrency: int, results: list[Result], wall: float, gpus: int = 
             row[f"{name}_p{p}_ms"] = ms(xs, p)
     if rate:  # a client that falls behind its schedule sends a lower rate than the row says: show by how much
         row["late_p99_ms"] = ms([r.late for r in results], 99)
+    # Where the streams were, on average (Little's law: time spent there over the wall time). In a closed loop the
+    # two add up to the concurrency less the load generator's share: a server that streams the rest of a request
+    # sooner has more requests waiting for a first token at the same throughput, so a longer TTFT.
+    row["before_first_token"] = round(sum(ttft) / wall, 1) if wall else None
+    row["after_first_token"] = round(sum(e - t for e, t in zip(e2e, ttft)) / wall, 1) if wall else None
     if client_cpu is not None:
         row["client_processes"] = processes
         row["client_cores"] = round(client_cpu / wall / processes, 2) if wall else None

@@ -204,6 +204,8 @@ def test_several_load_generating_processes_share_the_prompts_the_concurrency_and
     assert most[0] == 4 and 0.25 < wall < 2 and cpu > 0  # 24 requests of 50 ms, 4 at a time: 0.3 s
     row = b.summarize(4, results, wall, client_cpu=cpu, processes=2)
     assert row["client_processes"] == 2 and 0 < row["client_cores"] < 1
+    # 4 streams, each waiting 50 ms for its first token and then getting the rest at once: most of the 4 wait
+    assert 2.5 < row["before_first_token"] <= 4 and row["after_first_token"] < 0.5
 
     seen.clear()
     results, wall, _ = asyncio.run(run(rate=100.0))

@@ -35,6 +35,8 @@ def serve(config: Path = typer.Argument(..., help="Deployment YAML"),
                             gpus=tuple(g.strip() for g in gpus.split(",") if g.strip()))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C even when started in the background of a script, whose shell hands its children SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def ready(c) -> None:
         console.print(f"  [green]✓[/green] {c.name:12} {c.detail:28} {c.ready_after:5.1f} s")
