@@ -35,6 +35,11 @@ for what in "$@"; do
       python3 benchmarks/peer_dynamo.py --dynamo-python python3 --client-processes 4 --rates 1000,2000,3000 \
         --name peer_dynamo-h200-4clients ;;
     decode-profile) python3 benchmarks/decode_profile.py ;;
+    # The per-token cost of worker, NATS and frontend under a 10 ms decode step, up to 1024 streams.
+    token-path) serve_setup
+      python3 benchmarks/token_path.py --streams 64,256,1024 --client-processes 4 --name token_path-h200-1proc
+      python3 benchmarks/token_path.py --streams 64,256,1024 --processes 4 --client-processes 4 \
+        --name token_path-h200-4proc ;;
     serve-graphs) serve_setup; python3 benchmarks/serve_gpu.py --cuda-graphs --name serve_gpu-graphs ;;
     # Long prompts arriving during decodes, at request rates, on one GPU (disaggregated: both workers share it).
     serve-rates) serve_setup; python3 benchmarks/serve_gpu.py --cuda-graphs --isl 4000 --osl 200 --rates 1,2,4,6 \

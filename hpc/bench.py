@@ -210,8 +210,9 @@ def run_level(url: str, model: str, prompts: list[list[int]], osl: int, concurre
         while len(done) < processes:
             try:
                 done.append(out.get(timeout=1))
-            except queue.Empty:
-                if not all(c.is_alive() for c in children) and out.empty():
+            except queue.Empty:  # one that finished has put its results already; one that failed has not
+                failed = any(c.exitcode not in (None, 0) for c in children)
+                if failed or (all(c.exitcode is not None for c in children) and out.empty()):
                     raise HpcError("a load-generating process died; see its error above") from None
     except threading.BrokenBarrierError:
         raise HpcError("the load-generating processes did not start within 60 s") from None

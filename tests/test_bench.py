@@ -211,3 +211,21 @@ def test_several_load_generating_processes_share_the_prompts_the_concurrency_and
     results, wall, _ = asyncio.run(run(rate=100.0))
     assert sorted(seen) == list(range(24)) and all(r.error is None for r in results)
     assert 0.1 < wall < 1.0  # 24 arrivals at 100/s: about 0.24 s, and the last takes 50 ms
+
+
+def test_load_generating_processes_that_finish_apart_are_all_waited_for():
+    """One process's share takes 2.5 s, the other's none: the first to finish is not taken for a dead one."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if (await request.json())["prompt"][0] == 1:
+            await asyncio.sleep(2.5)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(sse(chunk("a", 1)))
+        return resp
+
+    async def run():
+        async with http_server(handle, "/v1/completions") as url:
+            return await asyncio.to_thread(b.run_level, url, "m", [[0], [1]], 1, 2, 10, processes=2)
+
+    results, wall, _ = asyncio.run(run())
+    assert all(r.error is None for r in results) and len(results) == 2 and wall > 2.4
