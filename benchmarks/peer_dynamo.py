@@ -191,7 +191,7 @@ def compare(stacks: dict, levels: list[tuple[int, float | None]], args) -> list[
             # CPU of every process of the stack (etcd, NATS, frontends, workers) and of the load generator: on a
             # saturated machine latency follows from these, whatever each stack's language
             row = {"stack": name, **bench.summarize(c, results, wall, rate=rate, client_cpu=client,
-                                                    processes=min(args.client_processes, c)),
+                                                    processes=args.client_processes),
                    "server_cpu_ms_per_req": round(1000 * server / ok, 3),
                    "client_cpu_ms_per_req": round(1000 * client / ok, 3), "server_cores": round(server / wall, 2),
                    "delayed_acks_per_req": round(held / ok, 2)}

@@ -57,7 +57,7 @@ def main() -> None:
             before = {k: cpu_seconds([pid]) for k, pid in pids.items()}
             results, wall, client = bench.run_level(local.url, "mock", bench.make_prompts(2 * n, ISL, 10, 500, seed=n),
                                                     a.osl, n, 300, processes=a.client_processes)
-            row = bench.summarize(n, results, wall, client_cpu=client, processes=min(a.client_processes, n))
+            row = bench.summarize(n, results, wall, client_cpu=client, processes=a.client_processes)
             tokens = sum(r.output_tokens for r in results if r.error is None)
             rows.append({"streams": n, "step_ms": a.step_ms, **row, **{
                 f"{k}_us_per_token": round(1e6 * (cpu_seconds([pid]) - before[k]) / max(1, tokens), 1)

@@ -171,6 +171,11 @@ async def level(url: str, model: str, prompts: list[list[int]], osl: int, concur
         return results, time.perf_counter() - t0
 
 
+def load_processes(requested: int, concurrency: int, requests: int) -> int:
+    """How many load-generating processes a level runs: each needs a stream and a request of its own."""
+    return max(1, min(requested, concurrency, requests))
+
+
 def _level_in_child(out, ready, url: str, model: str, prompts: list[list[int]], osl: int, concurrency: int,
                     timeout: float, rate: float | None, seed: int) -> None:
     """One load-generating process's share: puts its results, when it finished (time.time()) and its CPU
@@ -189,7 +194,7 @@ def run_level(url: str, model: str, prompts: list[list[int]], osl: int, concurre
     shows it). Each process takes every n-th prompt, its share of the concurrency and of the rate (independent
     Poisson processes add up to one of the whole rate), and all start together. Returns the results, the wall
     time and the generators' CPU seconds."""
-    processes = max(1, min(processes, concurrency, len(prompts)))
+    processes = load_processes(processes, concurrency, len(prompts))
     if processes == 1:
         cpu = time.process_time()
         results, wall = asyncio.run(level(url, model, prompts, osl, concurrency, timeout, advance, rate))
@@ -243,8 +248,9 @@ class Slo:
 
 def summarize(concurrency: int, results: list[Result], wall: float, gpus: int = 0, slo: Slo = Slo(),
               rate: float | None = None, client_cpu: float | None = None, processes: int = 1) -> dict:
-    """A row of the results. `client_cpu`: the load generators' CPU seconds, to show how busy each was
-    (`client_cores`, per process: near 1, its own queueing is in the latencies)."""
+    """A row of the results. `client_cpu`: the CPU seconds of the load generators (`processes` asked for, as
+    `run_level` took them), to show how busy each was (`client_cores`: near 1, its own queueing is in the
+    latencies)."""
     ok = [r for r in results if r.error is None]
     ms = lambda xs, p: round(1000 * percentile(xs, p), 2)  # noqa: E731
     ttft, e2e = [r.ttft for r in ok], [r.e2e for r in ok]
@@ -271,6 +277,7 @@ def summarize(concurrency: int, results: list[Result], wall: float, gpus: int = 
     row["before_first_token"] = round(sum(ttft) / wall, 1) if wall else None
     row["after_first_token"] = round(sum(e - t for e, t in zip(e2e, ttft)) / wall, 1) if wall else None
     if client_cpu is not None:
+        processes = load_processes(processes, concurrency, len(results))
         row["client_processes"] = processes
         row["client_cores"] = round(client_cpu / wall / processes, 2) if wall else None
     if len(ok) < len(results):

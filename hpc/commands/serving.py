@@ -112,7 +112,7 @@ def bench(url: str = typer.Option(..., help="Frontend URL, e.g. http://n001:8000
             prompts = b.make_prompts(n, isl, first, vocab, seed=int(rate * 1000) if rate else c)
             results, wall, cpu = b.run_level(url, name, prompts, osl, c, timeout, rate, client_processes,
                                              lambda: progress.advance(task))
-            rows.append(b.summarize(c, results, wall, gpus, slo, rate, cpu, min(client_processes, c, n)))
+            rows.append(b.summarize(c, results, wall, gpus, slo, rate, cpu, client_processes))
             if export:
                 b.export_aiperf(export, results, wall, c, name, url, command, rate)
     table = Table("rate/s" if per_s else "conc", "req", "err", "TTFT p50/p90/p99 ms", "TPOT p50/p99 ms",
