@@ -213,3 +213,44 @@ async def test_requests_fail_fast_without_a_server_and_time_out_without_a_reply(
     assert time.monotonic() - t0 < 3
     await bus.drain_handlers(0)
     await bus.close()
+
+
+async def test_replies_of_one_loop_turn_travel_together_and_in_order(nats):
+    """Streams that a worker answers in the same turn of its event loop share one NATS message per requester; each
+    stream still sees its own replies, all of them, in order. nats-py's own request inbox gets plain replies."""
+    import nats as nats_py
+
+    server, client = await Bus.connect(nats.url, "server"), await Bus.connect(nats.url, "client")
+    spy = await nats_py.connect(nats.url)
+    seen = []
+
+    async def note(msg):
+        seen.append(msg.subject)
+
+    await spy.subscribe(f"{client._mux_prefix}.*", cb=note)
+    await spy.flush()
+
+    async def count_to_five(data, reply):
+        for i in range(5):
+            await reply(data + b":%d" % i)
+            await asyncio.sleep(0)  # the other streams reply in this turn too
+
+    await server.serve("counter", count_to_five)
+
+    async def one_stream(n: int) -> list[bytes]:
+        got = []
+        async for batch in client.stream("counter", b"s%d" % n, 5, 5):
+            got += batch
+            if len(got) == 5:
+                return got
+
+    streams = await asyncio.gather(*(one_stream(n) for n in range(20)))
+    assert streams == [[b"s%d:%d" % (n, i) for i in range(5)] for n in range(20)]
+    await spy.flush()
+    await asyncio.sleep(0.2)
+    assert 5 <= len(seen) < 100 and any(s.endswith(".batch") for s in seen)  # 100 replies, a handful of messages
+    assert (await spy.request("counter", b"p", timeout=5)).data == b"p:0"  # not a batch: a plain reply
+    await spy.close()
+    for bus in (server, client):
+        await bus.drain_handlers(1)
+        await bus.close()

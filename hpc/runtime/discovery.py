@@ -105,6 +105,7 @@ class WorkerDirectory:
     def __init__(self, client: aetcd.Client, prefix: str):
         self.client, self.prefix = client, prefix
         self.workers: dict[str, WorkerInfo] = {}  # what etcd holds, less the lost
+        self._by_role: dict[tuple[str, str | None], tuple[WorkerInfo, ...]] = {}
         self._registered: dict[str, WorkerInfo] = {}  # what etcd holds
         self.lost_ids: set[str] = set()
         self._gone: dict[str, asyncio.Future] = {}
@@ -132,10 +133,15 @@ class WorkerDirectory:
                 fut.set_result(None)
         return fut
 
-    def by_role(self, role: str, model: str | None = None) -> list[WorkerInfo]:
-        """The workers a request of this role may go to (a draining worker is still here, but takes no more)."""
-        return sorted((w for w in self.workers.values() if w.role == role and not w.draining
-                       and (model is None or w.model == model)), key=lambda w: w.worker_id)
+    def by_role(self, role: str, model: str | None = None) -> tuple[WorkerInfo, ...]:
+        """The workers a request of this role may go to (a draining worker is still here, but takes no more).
+        Asked several times per request: kept until the set of workers changes."""
+        found = self._by_role.get((role, model))
+        if found is None:
+            found = self._by_role[role, model] = tuple(sorted(
+                (w for w in self.workers.values() if w.role == role and not w.draining
+                 and (model is None or w.model == model)), key=lambda w: w.worker_id))
+        return found
 
     def models(self) -> set[str]:
         return {w.model for w in self.workers.values()}
@@ -175,6 +181,7 @@ class WorkerDirectory:
         registered = {w.worker_id for w in fresh.values()}
         self.lost_ids &= registered  # a lost worker whose lease has ended is simply gone
         self.workers = {k: w for k, w in fresh.items() if w.worker_id not in self.lost_ids}
+        self._by_role = {}
         after = {w.worker_id for w in self.workers.values()}
         for wid in before - after:
             fut = self._gone.pop(wid, None)

@@ -8,6 +8,7 @@ import logging
 from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, Callable
 
+import msgspec
 import nats
 
 from hpc.errors import HpcError
@@ -24,7 +25,14 @@ class PeerGone(Exception):
 
 
 Reply = Callable[[bytes], Awaitable[None]]
-_GONE = object()
+_GONE = object()  # queued when the worker's lease ends
+_NO_RESPONDERS = object()  # queued when the server says nothing subscribes to the subject
+# A Bus's replies inbox is `<inbox>.<MUX>.<stream token>`. Replies to such a subject may travel together: a worker
+# sends every reply that one turn of its event loop produced for one inbox as a single `<inbox>.<MUX>.<BATCH>`
+# message. Any other reply subject (nats-py's own request inbox) gets one message per reply.
+MUX, BATCH = "hpc", "batch"  # stream tokens are hex numbers: never BATCH
+_encode_batch = msgspec.msgpack.Encoder().encode
+_decode_batch = msgspec.msgpack.Decoder(list[tuple[str, bytes]]).decode
 
 
 async def _log_error(e: Exception) -> None:
@@ -32,10 +40,10 @@ async def _log_error(e: Exception) -> None:
     log.warning("NATS: %s", str(e) or type(e).__name__)
 
 
-def _failure(msg, subject: str) -> PeerGone | None:
-    if msg is _GONE:
+def _failure(item, subject: str) -> PeerGone | None:
+    if item is _GONE:
         return PeerGone(f"the worker serving {subject} left")
-    if msg.headers and msg.headers.get("Status") == "503":  # the server says: no subscriber
+    if item is _NO_RESPONDERS:
         return PeerGone(f"nothing serves {subject}")
     return None
 
@@ -56,6 +64,8 @@ class Bus:
         self._mux_prefix = ""  # the replies inbox, opened by connect()
         self._streams: dict[str, asyncio.Queue] = {}
         self._counter = itertools.count()
+        self._outbox: dict[str, list[tuple[str, bytes]]] = {}  # replies waiting to go out, by inbox
+        self._sending: asyncio.Task | None = None
 
     @classmethod
     async def connect(cls, url: str, name: str, timeout: float = 5.0, credentials=None) -> "Bus":
@@ -75,8 +85,13 @@ class Bus:
         """Run `handler(payload, reply)` in its own task for each message; `reply` may be called many times."""
 
         async def on_message(msg):
+            inbox, _, token = (msg.reply or "").rpartition(".")
+            batchable = inbox.endswith("." + MUX)
+
             async def reply(data: bytes) -> None:
-                if msg.reply:
+                if batchable:
+                    self._queue_reply(inbox, token, data)
+                elif msg.reply:
                     await self.nc.publish(msg.reply, data)
 
             task = asyncio.create_task(handler(msg.data, reply))
@@ -85,6 +100,33 @@ class Bus:
             task.add_done_callback(self._done)
 
         self._subs.append(await self.nc.subscribe(subject, cb=on_message))
+
+    def _queue_reply(self, inbox: str, token: str, data: bytes) -> None:
+        """Queue a reply for the next turn of the event loop. Every stream that one engine step woke replies in
+        this turn: they go out as one message per inbox, so NATS and the frontend handle one message per step
+        and frontend, not one per token. Nothing waits longer than that turn."""
+        if self.nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        self._outbox.setdefault(inbox, []).append((token, data))
+        if self._sending is None:
+            self._sending = asyncio.create_task(self._send_replies())
+
+    async def _send_replies(self) -> None:
+        # One sender at a time, looping until nothing is queued: a publish that waits for the socket must not let
+        # a later reply overtake an earlier one.
+        try:
+            while self._outbox:
+                outbox, self._outbox = self._outbox, {}
+                for inbox, replies in outbox.items():
+                    try:
+                        if len(replies) == 1:
+                            await self.nc.publish(f"{inbox}.{replies[0][0]}", replies[0][1])
+                        else:
+                            await self.nc.publish(f"{inbox}.{BATCH}", _encode_batch(replies))
+                    except Exception as e:  # the requester's idle timeout reports the loss
+                        log.warning("replies to %s lost: %s", inbox, str(e) or type(e).__name__)
+        finally:
+            self._sending = None
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -146,12 +188,16 @@ class Bus:
     async def _open_replies_inbox(self) -> None:
         """One wildcard inbox for every stream of this connection: no SUB/UNSUB per request. Opened with the
         connection, so concurrent first requests cannot each open one."""
-        prefix = self.nc.new_inbox()
+        prefix = f"{self.nc.new_inbox()}.{MUX}"
 
         async def route(msg) -> None:
-            queue = self._streams.get(msg.subject[len(prefix) + 1:])
-            if queue is not None:
-                queue.put_nowait(msg)
+            token = msg.subject[len(prefix) + 1:]
+            if token == BATCH:
+                for token, data in _decode_batch(msg.data):
+                    if (queue := self._streams.get(token)) is not None:
+                        queue.put_nowait(data)
+            elif (queue := self._streams.get(token)) is not None:
+                queue.put_nowait(_NO_RESPONDERS if msg.headers and msg.headers.get("Status") == "503" else msg.data)
 
         await self.nc.subscribe(f"{prefix}.*", cb=route)
         self._mux_prefix = prefix
@@ -176,20 +222,20 @@ class Bus:
             timeout = first_timeout
             while True:
                 try:
-                    msg = await _get_within(queue, timeout)
+                    item = await _get_within(queue, timeout)
                 except asyncio.TimeoutError:
                     raise RequestTimeout(f"no reply on {subject} within {timeout:g} s") from None
-                arrived = [msg]
+                arrived = [item]
                 while not queue.empty():
                     arrived.append(queue.get_nowait())
                 batch = []
-                for msg in arrived:
-                    failure = _failure(msg, subject)
+                for item in arrived:
+                    failure = _failure(item, subject)
                     if failure is not None:
                         if batch:  # what came before the failure first
                             yield batch
                         raise failure
-                    batch.append(msg.data)
+                    batch.append(item)
                 yield batch
                 timeout = idle_timeout
         finally:
@@ -198,6 +244,8 @@ class Bus:
                 gone.remove_done_callback(wake)
 
     async def close(self) -> None:
+        if self._sending is not None:  # the last replies first
+            await asyncio.wait([self._sending], timeout=5)
         try:
             await asyncio.wait_for(self.nc.drain(), 5)
         except Exception:

@@ -193,8 +193,9 @@ class KvTransfer:
             while state == "PROC":
                 if time.monotonic() > deadline:
                     raise TransferError(f"KV read from {remote} did not finish within {timeout:g} s")
-                # Yield at once for the first polls (small transfers finish in microseconds), then back off.
-                await asyncio.sleep(0 if spins < 200 else 0.0002)
+                # Yield at once for the first polls (small transfers finish in microseconds), then back off by a
+                # millisecond, an epoll wait's resolution (uvloop rounds shorter sleeps to none: a busy spin).
+                await asyncio.sleep(0 if spins < 200 else 0.001)
                 spins += 1
                 state = self.agent.check_xfer_state(xfer)
             if state != "DONE":
