@@ -143,8 +143,8 @@ def main(argv=None) -> None:
         elif rank > 0:
             asyncio.run(follow(rank, size, options.worker_id))
             return
-        # uvloop: the event loop's own work per token (wake-ups, callbacks, socket writes) is about a third of a
-        # Python loop's, and at large decode batches the worker's loop is the bound on tokens per second.
+        # uvloop, as the frontend runs: at large decode batches the worker's event loop bounds tokens per second,
+        # and uvloop's own work per wake-up and write is less (docs/benchmarks.md, the token path).
         uvloop.run(Worker(options, tp=tp).run())
     except (HpcError, EngineError) as e:  # bad config, unreachable service, bad model directory
         print(f"error: {e}", file=sys.stderr)
