@@ -1,6 +1,7 @@
 """Latency the serving path adds, with mocker workers that take no simulated time.
 
-    python benchmarks/frontend.py [--concurrency 1,16,64] [--requests 400] [--osl 16]
+    python benchmarks/frontend.py [--concurrency 1,16,64] [--requests 400] [--osl 16] [--processes 1,4]
+                                  [--client-processes 1] [--name frontend]
 
 Starts `configs/tiny-mocker.yaml`-like deployments through `hpc serve`'s local backend (etcd, NATS, frontend,
 mocker workers; aggregated and disaggregated), then streams 16-token requests through the frontend. With zero
@@ -8,7 +9,7 @@ simulated compute, TTFT is what the frontend, NATS, the router and the worker lo
 sustained rate. The same requests also go straight to the workers through the runtime client (no HTTP, no
 frontend), at the same concurrency: the difference is what the frontend adds. At concurrency 1 the two, and an
 empty HTTP endpoint, are interleaved request by request so that all three see the same machine. Prints tables and
-writes benchmarks/results/frontend.json."""
+writes benchmarks/results/<name>.json."""
 
 from __future__ import annotations
 
@@ -116,23 +117,23 @@ def http_floor():
         stop(Pid.of(server.pid), popen=server)
 
 
-async def measure(local: LocalDeployment, levels: list[int], n: int, osl: int) -> list[dict]:
-    """Each concurrency through the frontend, then straight to the workers (concurrency > 1; concurrency 1 is
-    measured interleaved, by paired_ttft_ms)."""
+def measure(local: LocalDeployment, levels: list[int], n: int, osl: int, clients: int) -> list[dict]:
+    """Each concurrency through the frontend from `clients` load-generating processes, then straight to the
+    workers (concurrency > 1; concurrency 1 is measured interleaved, by paired_ttft_ms)."""
     rows = []
     for c in levels:
         prompts = bench.make_prompts(n, 32, 10, 500, seed=c)
         warm = bench.make_prompts(min(n, 20), 32, 10, 500, seed=-1 - c)  # prompts of its own
-        await bench.level(local.url, "mock", warm, osl, c, 60)
-        results, wall = await bench.level(local.url, "mock", prompts, osl, c, 60)
-        rows.append(bench.summarize(c, results, wall))
+        bench.run_level(local.url, "mock", warm, osl, c, 60)
+        results, wall, cpu = bench.run_level(local.url, "mock", prompts, osl, c, 60, processes=clients)
+        rows.append(bench.summarize(c, results, wall, client_cpu=cpu, processes=clients))
         if c > 1:
-            rows[-1].update(await direct_ttft_ms(local, prompts, osl, c))
+            rows[-1].update(asyncio.run(direct_ttft_ms(local, prompts, osl, c)))
     return rows
 
 
 KEYS = ("concurrency", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms", "req_s",
-        "output_tok_s", "cached_tokens")
+        "output_tok_s", "cached_tokens", "client_processes", "client_cores")
 
 
 def main() -> None:
@@ -141,6 +142,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=400)
     p.add_argument("--osl", type=int, default=16)
     p.add_argument("--processes", default="1", help="frontend processes, one deployment each (e.g. 1,4)")
+    p.add_argument("--client-processes", type=int, default=1, help="load-generating processes (hpc bench's "
+                   "--client-processes): more where one is the bottleneck (client_cores near 1) and cores are spare")
+    p.add_argument("--name", default="frontend", help="result file name (without .json)")
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     d = Path(tempfile.mkdtemp(prefix="hpc-frontend-bench-"))
@@ -156,7 +160,7 @@ def main() -> None:
             local.start()
             try:
                 paired = asyncio.run(paired_ttft_ms(local, floor_url, args.requests, args.osl))
-                for r in asyncio.run(measure(local, levels, args.requests, args.osl)):
+                for r in measure(local, levels, args.requests, args.osl, args.client_processes):
                     row = {"mode": mode, "frontend_processes": n, **{k: r[k] for k in KEYS}}
                     through = paired if r["concurrency"] == 1 else {
                         "frontend_ttft_p50_ms": r["ttft_p50_ms"], "frontend_ttft_p99_ms": r["ttft_p99_ms"], **r}
@@ -169,9 +173,9 @@ def main() -> None:
                     print(row, flush=True)
             finally:
                 local.stop()
-    path = write_result("frontend", rows, {"osl": args.osl, "isl": 32, "cpu_cores": os.cpu_count()})
+    path = write_result(args.name, rows, {"osl": args.osl, "isl": 32, "cpu_cores": os.cpu_count()})
     print(table(rows, ["mode", "frontend_processes", "concurrency", "errors", "ttft_p50_ms", "ttft_p99_ms",
-                       "e2e_p50_ms", "e2e_p99_ms", "req_s", "cached_tokens"]))
+                       "e2e_p50_ms", "e2e_p99_ms", "req_s", "client_cores", "cached_tokens"]))
     print("\nTTFT p50 / p99 in ms: through the frontend over HTTP, straight to the workers (runtime client, no "
           "HTTP), and the difference:")
     print(table(rows, ["mode", "frontend_processes", "concurrency", "frontend_ttft_p50_ms", "direct_ttft_p50_ms",

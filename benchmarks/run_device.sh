@@ -20,7 +20,9 @@ for what in "$@"; do
     kv-small) python3 benchmarks/kv_transfer.py --tokens 1024 --layers 2 --repeats 2 ;;
     nixl-probe) python3 benchmarks/nixl_probe.py ;;
     ucx-check) bash benchmarks/ucx_check.sh ;;
-    frontend) serve_setup; python3 benchmarks/frontend.py --requests 300 --processes 1,4 ;;
+    # Four load-generating processes: on the 16-core host one was the bottleneck at concurrency 64.
+    frontend) serve_setup; python3 benchmarks/frontend.py --requests 300 --processes 1,4 --client-processes 4 \
+      --name frontend-4clients ;;
     serve) serve_setup; python3 benchmarks/serve_gpu.py ;;
     router) serve_setup; python3 benchmarks/router.py ;;
     encode) serve_setup; python3 benchmarks/encode.py ;;
