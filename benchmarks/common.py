@@ -56,9 +56,9 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def cpu_seconds(roots: list[int]) -> float:
-    """CPU time (user + system) used so far by the processes `roots` and all their descendants, from /proc: what
-    a stack of servers spent, measured from outside, whatever language it is written in."""
+def process_cpu(roots: dict[str, int]) -> dict[int, tuple[str, float]]:
+    """CPU time (user + system) used so far by each process of `roots` (name: pid) and of all their descendants,
+    from /proc, whatever language it is written in: pid -> (the name of its root, seconds)."""
     tick = os.sysconf("SC_CLK_TCK")
     stats = {}
     for entry in os.listdir("/proc"):
@@ -69,12 +69,27 @@ def cpu_seconds(roots: list[int]) -> float:
                 continue  # it has just exited
             fields = stat[stat.rindex(")") + 2 :].split()
             stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime+stime
-    family, todo = set(), [r for r in roots if r in stats]
+    found, todo = {}, [(pid, name) for name, pid in roots.items() if pid in stats]
     while todo:
-        pid = todo.pop()
-        family.add(pid)
-        todo.extend(p for p, (ppid, _) in stats.items() if ppid == pid and p not in family)
-    return sum(stats[p][1] for p in family)
+        pid, name = todo.pop()
+        found[pid] = (name, stats[pid][1])
+        todo.extend((p, name) for p, (ppid, _) in stats.items() if ppid == pid and p not in found)
+    return found
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """CPU time used so far by the processes `roots` and all their descendants: what a stack of servers spent,
+    measured from outside."""
+    return sum(cpu for _, cpu in process_cpu({str(pid): pid for pid in roots}).values())
+
+
+def busiest_process(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall: float
+                    ) -> tuple[str, float]:
+    """The process that used the most CPU between two `process_cpu` readings: its root's name and the cores it
+    used. One near 1.0 is a single-threaded process at its limit."""
+    name, cpu = max(((n, c - before.get(pid, (n, 0.0))[1]) for pid, (n, c) in after.items()),
+                    key=lambda item: item[1], default=("", 0.0))
+    return name, round(cpu / wall, 2) if wall else 0.0
 
 
 def delayed_acks() -> int:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ZERO, cpu_seconds, delayed_acks, table, write_result  # noqa: E402
+from benchmarks.common import ZERO, busiest_process, delayed_acks, process_cpu, table, write_result  # noqa: E402
 from frontend.processes import default_processes  # noqa: E402
 from hpc import bench  # noqa: E402
 from hpc.config import load_deployment  # noqa: E402
@@ -93,7 +93,8 @@ class DynamoStack:
                     self.procs.append(subprocess.Popen([python, "-m", *args, "--discovery-backend", "etcd"], env=env,
                                                        stdout=log, stderr=subprocess.STDOUT))
             self.model = wait_for_model(self.url)
-            self.pids = [p.pid for p in self.procs] + [self.etcd.popen.pid, self.nats.popen.pid]
+            self.pids = {**{name: p.pid for name, p in zip(commands, self.procs)}, "etcd": self.etcd.popen.pid,
+                         "nats": self.nats.popen.pid}
         except BaseException:  # nothing left running when Dynamo does not come up
             self.stop()
             raise
@@ -144,7 +145,8 @@ def main() -> None:
     try:
         ours = hpc_stack(model, work / "hpc", args.processes)
         try:
-            hpc_pids = [c.popen.pid for c in ours.components] + [ours.etcd.popen.pid, ours.nats.popen.pid]
+            hpc_pids = {**{c.name: c.popen.pid for c in ours.components}, "etcd": ours.etcd.popen.pid,
+                        "nats": ours.nats.popen.pid}
             stacks = {"dynamo 1.6.1": (dyn.url, dyn.model, dyn.pids),
                       f"hpc ({args.processes} frontend processes)": (ours.url, "mock", hpc_pids)}
             levels = [(int(c), None) for c in args.concurrency.split(",") if c]
@@ -159,7 +161,8 @@ def main() -> None:
                                           "client_processes": args.client_processes})
     print(table(rows, ["stack", "concurrency", "rate_req_s", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms",
                        "e2e_p50_ms", "req_s", "output_tok_s", "server_cpu_ms_per_req", "client_cpu_ms_per_req",
-                       "server_cores", "client_cores", "before_first_token", "after_first_token",
+                       "server_cores", "busiest_process", "busiest_process_cores", "client_cores",
+                       "before_first_token", "after_first_token",
                        "delayed_acks_per_req", "cached_tokens"]))
     for i in range(0, len(rows), 2):
         a, b = rows[i], rows[i + 1]
@@ -174,6 +177,7 @@ def compare(stacks: dict, levels: list[tuple[int, float | None]], args) -> list[
     rows = []
     for c, rate in levels:
         pooled = {name: ([], 0.0, 0.0, 0.0, 0) for name in stacks}
+        spent = {name: ({}, {}) for name in stacks}  # each process's CPU: before and after, summed over rounds
         for rnd in range(args.rounds):
             order = list(stacks) if rnd % 2 == 0 else list(reversed(stacks))
             for name in order:
@@ -181,19 +185,25 @@ def compare(stacks: dict, levels: list[tuple[int, float | None]], args) -> list[
                 prompts = bench.make_prompts(args.requests, ISL, 10, 500, seed=1000 * c + int(rate or 0) + rnd)
                 if rnd == 0:  # warm-up, on prompts of its own
                     bench.run_level(url, model, bench.make_prompts(20, ISL, 10, 500, seed=-1 - c), OSL, c, 60)
-                server, acks = cpu_seconds(pids), delayed_acks()
+                before, acks = process_cpu(pids), delayed_acks()
                 results, wall, client = bench.run_level(url, model, prompts, OSL, c, 60, rate, args.client_processes)
-                server = cpu_seconds(pids) - server
+                after = process_cpu(pids)
+                server = sum(cpu for _, cpu in after.values()) - sum(cpu for _, cpu in before.values())
+                for total, reading in zip(spent[name], (before, after)):
+                    for pid, (label, cpu) in reading.items():
+                        total[pid] = (label, total.get(pid, (label, 0.0))[1] + cpu)
                 done, total, srv, cli, held = pooled[name]
                 pooled[name] = (done + results, total + wall, srv + server, cli + client, held + delayed_acks() - acks)
         for name, (results, wall, server, client, held) in pooled.items():
             ok = max(1, sum(r.error is None for r in results))
+            busiest, busiest_cores = busiest_process(*spent[name], wall)
             # CPU of every process of the stack (etcd, NATS, frontends, workers) and of the load generator: on a
             # saturated machine latency follows from these, whatever each stack's language
             row = {"stack": name, **bench.summarize(c, results, wall, rate=rate, client_cpu=client,
                                                     processes=args.client_processes),
                    "server_cpu_ms_per_req": round(1000 * server / ok, 3),
                    "client_cpu_ms_per_req": round(1000 * client / ok, 3), "server_cores": round(server / wall, 2),
+                   "busiest_process": busiest, "busiest_process_cores": busiest_cores,
                    "delayed_acks_per_req": round(held / ok, 2)}
             rows.append(row)
             print({k: row[k] for k in ("stack", "concurrency", "rate_req_s", "errors", "ttft_p50_ms", "ttft_p99_ms",
