@@ -56,7 +56,10 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def process_cpu(roots: dict[str, int]) -> dict[int, tuple[str, float]]:
+Readings = dict[int, tuple[str, float]]  # pid -> (the name of its root, CPU seconds): what process_cpu returns
+
+
+def process_cpu(roots: dict[str, int]) -> Readings:
     """CPU time (user + system) used so far by each process of `roots` (name: pid) and of all their descendants,
     from /proc, whatever language it is written in: pid -> (the name of its root, seconds)."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -83,13 +86,9 @@ def cpu_seconds(roots: list[int]) -> float:
     return sum(cpu for _, cpu in process_cpu({str(pid): pid for pid in roots}).values())
 
 
-def busiest_process(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall: float
-                    ) -> tuple[str, float]:
-    """The process that used the most CPU between two `process_cpu` readings: its root's name and the cores it
-    used. One near 1.0 is a single-threaded process at its limit."""
-    name, cpu = max(((n, c - before.get(pid, (n, 0.0))[1]) for pid, (n, c) in after.items()),
-                    key=lambda item: item[1], default=("", 0.0))
-    return name, round(cpu / wall, 2) if wall else 0.0
+def cpu_used(before: Readings, after: Readings) -> Readings:
+    """Each process's CPU seconds between two `process_cpu` readings (one started in between: all of its own)."""
+    return {pid: (name, cpu - before.get(pid, (name, 0.0))[1]) for pid, (name, cpu) in after.items()}
 
 
 def delayed_acks() -> int:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ZERO, busiest_process, delayed_acks, process_cpu, table, write_result  # noqa: E402
+from benchmarks.common import ZERO, cpu_used, delayed_acks, process_cpu, table, write_result  # noqa: E402
 from frontend.processes import default_processes  # noqa: E402
 from hpc import bench  # noqa: E402
 from hpc.config import load_deployment  # noqa: E402
@@ -177,7 +177,7 @@ def compare(stacks: dict, levels: list[tuple[int, float | None]], args) -> list[
     rows = []
     for c, rate in levels:
         pooled = {name: ([], 0.0, 0.0, 0.0, 0) for name in stacks}
-        spent = {name: ({}, {}) for name in stacks}  # each process's CPU: before and after, summed over rounds
+        spent = {name: {} for name in stacks}  # each process's CPU seconds over the rounds: pid -> (name, seconds)
         for rnd in range(args.rounds):
             order = list(stacks) if rnd % 2 == 0 else list(reversed(stacks))
             for name in order:
@@ -187,23 +187,23 @@ def compare(stacks: dict, levels: list[tuple[int, float | None]], args) -> list[
                     bench.run_level(url, model, bench.make_prompts(20, ISL, 10, 500, seed=-1 - c), OSL, c, 60)
                 before, acks = process_cpu(pids), delayed_acks()
                 results, wall, client = bench.run_level(url, model, prompts, OSL, c, 60, rate, args.client_processes)
-                after = process_cpu(pids)
-                server = sum(cpu for _, cpu in after.values()) - sum(cpu for _, cpu in before.values())
-                for total, reading in zip(spent[name], (before, after)):
-                    for pid, (label, cpu) in reading.items():
-                        total[pid] = (label, total.get(pid, (label, 0.0))[1] + cpu)
+                used = cpu_used(before, process_cpu(pids))
+                server = sum(cpu for _, cpu in used.values())
+                for pid, (label, cpu) in used.items():
+                    spent[name][pid] = (label, spent[name].get(pid, (label, 0.0))[1] + cpu)
                 done, total, srv, cli, held = pooled[name]
                 pooled[name] = (done + results, total + wall, srv + server, cli + client, held + delayed_acks() - acks)
         for name, (results, wall, server, client, held) in pooled.items():
             ok = max(1, sum(r.error is None for r in results))
-            busiest, busiest_cores = busiest_process(*spent[name], wall)
+            # the busiest single process, and the cores it used: near 1.0, a single-threaded process at its limit
+            busiest, busiest_cpu = max(spent[name].values(), key=lambda item: item[1], default=("", 0.0))
             # CPU of every process of the stack (etcd, NATS, frontends, workers) and of the load generator: on a
             # saturated machine latency follows from these, whatever each stack's language
             row = {"stack": name, **bench.summarize(c, results, wall, rate=rate, client_cpu=client,
                                                     processes=args.client_processes),
                    "server_cpu_ms_per_req": round(1000 * server / ok, 3),
                    "client_cpu_ms_per_req": round(1000 * client / ok, 3), "server_cores": round(server / wall, 2),
-                   "busiest_process": busiest, "busiest_process_cores": busiest_cores,
+                   "busiest_process": busiest, "busiest_process_cores": round(busiest_cpu / wall, 2),
                    "delayed_acks_per_req": round(held / ok, 2)}
             rows.append(row)
             print({k: row[k] for k in ("stack", "concurrency", "rate_req_s", "errors", "ttft_p50_ms", "ttft_p99_ms",
