@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import LLAMA3_8B, table, write_result  # noqa: E402
-from hpc import bench  # noqa: E402
+from hpc import bench, diagnose  # noqa: E402
 from hpc.config import load_deployment  # noqa: E402
 from hpc.serve import LocalDeployment  # noqa: E402
 
@@ -75,6 +75,9 @@ def measure(local: LocalDeployment, mode: str, c: int, prompts: list[list[int]],
         row["first_error"] = r["first_error"]
     if rate:
         row["late_p99_ms"] = r["late_p99_ms"]
+    # Where TTFT went, from the frontend's records of this level's requests (what `hpc diagnose` reads)
+    summary, _ = diagnose.diagnose(diagnose.fetch(local.url, wall)[0])
+    row["ttft_parts_p50_ms"], row["ttft_parts_p99_ms"] = summary.get("stages_p50_ms"), summary.get("stages_p99_ms")
     print(row, flush=True)
     return row
 
