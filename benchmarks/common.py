@@ -80,12 +80,6 @@ def process_cpu(roots: dict[str, int]) -> Readings:
     return found
 
 
-def cpu_seconds(roots: list[int]) -> float:
-    """CPU time used so far by the processes `roots` and all their descendants: what a stack of servers spent,
-    measured from outside."""
-    return sum(cpu for _, cpu in process_cpu({str(pid): pid for pid in roots}).values())
-
-
 def cpu_used(before: Readings, after: Readings) -> Readings:
     """Each process's CPU seconds between two `process_cpu` readings (one started in between: all of its own)."""
     return {pid: (name, cpu - before.get(pid, (name, 0.0))[1]) for pid, (name, cpu) in after.items()}

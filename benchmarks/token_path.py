@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ZERO, cpu_seconds, table, write_result  # noqa: E402
+from benchmarks.common import ZERO, cpu_used, process_cpu, table, write_result  # noqa: E402
 from benchmarks.frontend import deployment  # noqa: E402
 from engines.torch.tiny import make_tiny_model  # noqa: E402
 from hpc import bench  # noqa: E402
@@ -54,14 +54,15 @@ def main() -> None:
         pids["nats"] = local.nats.popen.pid
         for n in streams:
             bench.run_level(local.url, "mock", bench.make_prompts(n, ISL, 10, 500, seed=-n), 4, n, 120)  # warm-up
-            before = {k: cpu_seconds([pid]) for k, pid in pids.items()}
+            before = process_cpu(pids)
             results, wall, client = bench.run_level(local.url, "mock", bench.make_prompts(2 * n, ISL, 10, 500, seed=n),
                                                     a.osl, n, 300, processes=a.client_processes)
             row = bench.summarize(n, results, wall, client_cpu=client, processes=a.client_processes)
+            used = cpu_used(before, process_cpu(pids)).values()
             tokens = sum(r.output_tokens for r in results if r.error is None)
             rows.append({"streams": n, "step_ms": a.step_ms, **row, **{
-                f"{k}_us_per_token": round(1e6 * (cpu_seconds([pid]) - before[k]) / max(1, tokens), 1)
-                for k, pid in pids.items()}})
+                f"{k}_us_per_token": round(1e6 * sum(cpu for name, cpu in used if name == k) / max(1, tokens), 1)
+                for k in pids}})
             print({k: rows[-1][k] for k in ("streams", "errors", "itl_p50_ms", "itl_p99_ms", "output_tok_s")},
                   flush=True)
     finally:
