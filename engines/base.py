@@ -254,24 +254,24 @@ class StepOutputs:
 
 
 def _deliver(items: list) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+    for outputs, item in items:
+        outputs.put_nowait(item)
 
 
-class OutputStream:
-    """Carries engine outputs from the engine's thread to one request's asyncio consumer."""
+class Outputs:
+    """One request's outputs on their way from the engine to the consumer: queued for a task that awaits them or,
+    once the consumer attaches a callback, handed to it at once. An item is a TokenOutput (or PrefillOutput), or
+    the exception that ended the request."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, step: StepOutputs | None = None):
-        self._loop = loop
+    def __init__(self):
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._step = step
+        self._callback: Callable[[Any], None] | None = None
 
-    def put(self, item) -> None:  # called from any thread
-        collecting = self._step.items if self._step is not None else None
-        if collecting is not None:
-            collecting.append((self._queue, item))
+    def put_nowait(self, item) -> None:  # on the event loop's thread
+        if self._callback is not None:
+            self._callback(item)
         else:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._queue.put_nowait(item)
 
     async def get(self):
         return await self._queue.get()
@@ -282,25 +282,108 @@ class OutputStream:
     def get_nowait(self):
         return self._queue.get_nowait()
 
+    def attach(self, callback: Callable[[Any], None]) -> None:
+        """Hand `callback` what is queued, then each further output as it is put."""
+        while not self._queue.empty():
+            callback(self._queue.get_nowait())
+        self._callback = callback
 
-async def stream_until_finished(source, cancel: Callable[[], None]) -> AsyncIterator[TokenOutput]:
-    """Yield a request's outputs (from `source`: an asyncio.Queue or an OutputStream) until one finishes it; a
+    def detach(self) -> None:
+        self._callback = None
+
+
+class OutputStream(Outputs):
+    """Outputs that an engine's own thread puts: each reaches the event loop with its step's (StepOutputs), or
+    alone."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, step: StepOutputs | None = None):
+        super().__init__()
+        self._loop = loop
+        self._step = step
+
+    def put(self, item) -> None:  # called from any thread
+        collecting = self._step.items if self._step is not None else None
+        if collecting is not None:
+            collecting.append((self, item))
+        else:
+            self._loop.call_soon_threadsafe(self.put_nowait, item)
+
+
+def _output(item) -> TokenOutput:
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
+class RequestOutputs:
+    """A request's outputs until one finishes it: an async iterator, as `generate` and `decode` return. A
     consumer that leaves early cancels the request, so the engine stops working on it and frees its blocks.
 
     Outputs already waiting when one is taken go out as one: when the engine runs ahead of the path to the client
-    (a loaded frontend, a busy network), each request then costs one message per batch of tokens, not per token."""
-    finished = False
-    try:
-        while True:
-            out = await source.get()
-            while not out.finish_reason and not source.empty():
-                more = source.get_nowait()
+    (a loaded frontend, a busy network), each request then costs one message per batch of tokens, not per token.
+
+    `follow(callback)` consumes them the other way: each output goes to the callback inside the engine step that
+    made it. Iterating wakes the consumer's task once per output; at 64 streams that was most of a worker's CPU
+    time per token."""
+
+    def __init__(self, source: Outputs, cancel: Callable[[], None]):
+        self._source, self._cancel = source, cancel
+        self._ended = False  # finished, failed or closed: nothing more to take, nothing to cancel
+        self._loop = asyncio.get_running_loop()
+
+    def __del__(self):  # dropped unfinished and unclosed: cancel on the loop, as an async generator's finalizer does
+        if not self._ended and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._cancel)
+
+    def __aiter__(self) -> "RequestOutputs":
+        return self
+
+    async def __anext__(self) -> TokenOutput:
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            out = _output(await self._source.get())
+            while not out.finish_reason and not self._source.empty():
+                more = _output(self._source.get_nowait())
                 out = TokenOutput(out.token_ids + more.token_ids, more.finish_reason, more.error,
                                   out.cached_tokens, out.timing)
-            yield out
-            if out.finish_reason:
-                finished = True
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            self._ended = True
+            raise
+        self._ended = bool(out.finish_reason)
+        return out
+
+    async def follow(self, callback: Callable[[TokenOutput], None]) -> None:
+        """Call `callback(output)` for each further output, on the event loop's thread, as the engine makes it;
+        return once one finishes the request. An error, the engine's or the callback's, ends the wait with it."""
+        done = asyncio.get_running_loop().create_future()
+
+        def on_output(item) -> None:
+            if done.done():
                 return
-    finally:
-        if not finished:
-            cancel()
+            if isinstance(item, BaseException):  # the engine ended the request with it
+                self._ended = True
+                done.set_exception(item)
+                return
+            try:
+                callback(item)
+            except Exception as e:
+                done.set_exception(e)
+                return
+            if item.finish_reason:
+                self._ended = True
+                done.set_result(None)
+
+        self._source.attach(on_output)
+        try:
+            await done
+        finally:
+            self._source.detach()
+
+    async def aclose(self) -> None:
+        self._source.detach()
+        if not self._ended:
+            self._ended = True
+            self._cancel()

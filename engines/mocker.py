@@ -16,12 +16,11 @@ import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import torch
 
-from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStats, KvCacheFull, KvLayout,
-                          PrefillOutput, TokenOutput, blocks_for, content_keys, stream_until_finished)
+from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStats, KvCacheFull, KvLayout, Outputs,
+                          PrefillOutput, RequestOutputs, TokenOutput, blocks_for, content_keys)
 from engines.prefix_cache import block_hashes
 
 
@@ -49,11 +48,12 @@ class _Running:
     req: EngineRequest
     context: int
     generated: int
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    key: str = field(init=False)  # token_key(req.prompt), made once
+    queue: Outputs = field(default_factory=Outputs)
+    seed: int = field(init=False)  # prompt_seed(req.prompt), made once
+    prefill: asyncio.Task | None = None  # generate()'s prefill, until the first token
 
     def __post_init__(self):
-        self.key = token_key(self.req.prompt)
+        self.seed = prompt_seed(self.req.prompt)
 
 
 class PrefixCache:
@@ -81,17 +81,23 @@ class PrefixCache:
             self._blocks.popitem(last=False)
 
 
-def token_key(prompt: list[int]) -> str:
-    """What a request's tokens depend on, as the start of the text mock_token hashes (made once per request: the
-    repr of the prompt's tail was most of a token's cost)."""
-    return repr((prompt[-16:], len(prompt)))[:-1] + ", "
+def prompt_seed(prompt: list[int]) -> int:
+    """What a request's tokens depend on (its last 16 prompt tokens and its length), hashed once per request."""
+    digest = hashlib.blake2b(repr((prompt[-16:], len(prompt))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
-def mock_token(prompt: list[int], index: int, vocab: int, key: str | None = None) -> int:
-    """The index-th generated token: the same for a prompt on every worker (prefill and decode workers agree)."""
-    text = (key if key is not None else token_key(prompt)) + f"{index})"  # == repr((prompt[-16:], len, index))
-    h = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") % vocab
+_MASK = (1 << 64) - 1
+
+
+def mock_token(seed: int, index: int, vocab: int) -> int:
+    """The index-th generated token of the request whose prompt_seed is `seed`: the same on every worker (prefill
+    and decode workers agree). SplitMix64's finaliser, integer arithmetic only: a hash per token was a tenth of a
+    busy worker's time."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return (z ^ (z >> 31)) % vocab
 
 
 class MockerEngine:
@@ -105,6 +111,7 @@ class MockerEngine:
         self._alloc = BlockAllocator(o.num_blocks)
         self._prefill_lock: asyncio.Lock | None = None
         self._running: dict[str, _Running] = {}
+        self._prefilling: dict[str, _Running] = {}  # generate()'s requests before their first token
         self._waiting = 0
         self._held: set[str] = set()
         self._wakeup: asyncio.Event | None = None
@@ -134,7 +141,7 @@ class MockerEngine:
                               f"the model's context of {self.o.max_seq_len} tokens")
 
     def _token(self, req: EngineRequest, index: int) -> int:
-        return mock_token(req.prompt, index, self.o.vocab_size)
+        return mock_token(prompt_seed(req.prompt), index, self.o.vocab_size)
 
     def _reason(self, req: EngineRequest, token: int, generated: int) -> str | None:
         p = req.sampling
@@ -156,7 +163,7 @@ class MockerEngine:
                 delay = self.o.prefill_overhead_ms / 1000 + (n - reused) / self.o.prefill_tokens_per_s
                 if delay >= 1e-6:  # a prefill of no time holds the "GPU" for no event-loop turn either
                     await asyncio.sleep(delay)
-                fill = mock_token(req.prompt, -1, 256)
+                fill = mock_token(prompt_seed(req.prompt), -1, 256)
                 for b in blocks:  # real bytes for the transfer to move
                     self.pool[b].fill_(fill)
                 if self._prefix:
@@ -222,30 +229,45 @@ class MockerEngine:
         return self._free(request_id) > 0
 
     def cancel(self, request_id: str) -> None:
-        r = self._running.pop(request_id, None)
+        r = self._running.pop(request_id, None) or self._prefilling.pop(request_id, None)
         if r:
+            if r.prefill is not None:
+                r.prefill.cancel()  # its blocks are freed as the cancellation unwinds the prefill
             self._free(request_id)
             r.queue.put_nowait(TokenOutput([], "cancelled"))
 
-    async def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]:
-        first, reason, _, cached, timing = await self._first_token(req, len(req.prompt) + req.sampling.max_tokens)
-        if reason:
-            yield TokenOutput([first], reason, cached_tokens=cached, timing=timing)
+    def generate(self, req: EngineRequest) -> RequestOutputs:
+        r = _Running(req, len(req.prompt) + 1, 1)
+        r.prefill = asyncio.get_running_loop().create_task(self._prefill_then_decode(r))
+        self._prefilling[req.request_id] = r
+        return RequestOutputs(r.queue, lambda: self.cancel(req.request_id))
+
+    async def _prefill_then_decode(self, r: _Running) -> None:
+        """generate()'s first token; then the request joins the running batch. A failure goes to the consumer."""
+        req = r.req
+        try:
+            first, reason, _, cached, timing = await self._first_token(req, len(req.prompt) + req.sampling.max_tokens)
+        except asyncio.CancelledError:
+            return  # cancel() told the consumer
+        except Exception as e:
+            self._prefilling.pop(req.request_id, None)
+            r.queue.put_nowait(e)
             return
-        yield TokenOutput([first], cached_tokens=cached, timing=timing)
-        async for out in self._decode_stream(req, len(req.prompt) + 1, 1):
-            yield out
+        if self._prefilling.pop(req.request_id, None) is None:
+            return  # cancelled while the prefill finished
+        r.prefill = None
+        if not reason:
+            self._running[req.request_id] = r
+            self._wakeup.set()
+        r.queue.put_nowait(TokenOutput([first], reason, cached_tokens=cached, timing=timing))
 
     def decode(self, req: EngineRequest, first_token: int, block_ids: list[int],
-               num_tokens: int) -> AsyncIterator[TokenOutput]:
+               num_tokens: int) -> RequestOutputs:
         self._check(req)
-        return self._decode_stream(req, num_tokens + 1, 1)
-
-    def _decode_stream(self, req: EngineRequest, context: int, generated: int) -> AsyncIterator[TokenOutput]:
-        r = _Running(req, context, generated)
+        r = _Running(req, num_tokens + 1, 1)
         self._running[req.request_id] = r
         self._wakeup.set()
-        return stream_until_finished(r.queue, lambda: self.cancel(req.request_id))
+        return RequestOutputs(r.queue, lambda: self.cancel(req.request_id))
 
     async def _decode_loop(self) -> None:
         while True:
@@ -259,7 +281,7 @@ class MockerEngine:
             for r in batch:
                 if r.req.request_id not in self._running:
                     continue
-                token = mock_token(r.req.prompt, r.generated, self.o.vocab_size, r.key)
+                token = mock_token(r.seed, r.generated, self.o.vocab_size)
                 r.generated += 1
                 r.context += 1
                 self._generated_tokens += 1

@@ -295,21 +295,87 @@ async def test_prefix_caching_reuses_blocks_and_changes_no_token(model_dir):
 async def test_outputs_already_waiting_leave_as_one():
     """An engine that runs ahead of its consumer: the waiting outputs go out as one (one message, not one per
     token), with the first's timing and cached count and the last's finish."""
-    from engines.base import TokenOutput, stream_until_finished
+    from engines.base import Outputs, RequestOutputs, TokenOutput
 
-    q = asyncio.Queue()
+    q = Outputs()
     q.put_nowait(TokenOutput([1], cached_tokens=16, timing={"queue": 0.1}))
     for t in (2, 3):
         q.put_nowait(TokenOutput([t]))
     cancelled = []
-    stream = stream_until_finished(q, lambda: cancelled.append(True))
+    stream = RequestOutputs(q, lambda: cancelled.append(True))
     first = await stream.__anext__()
     assert first.token_ids == [1, 2, 3] and first.cached_tokens == 16 and first.timing == {"queue": 0.1}
     q.put_nowait(TokenOutput([4]))
     q.put_nowait(TokenOutput([5], "length"))
     q.put_nowait(TokenOutput([99]))  # after the finish: never read
     assert [(o.token_ids, o.finish_reason) async for o in stream] == [([4, 5], "length")]
+    await stream.aclose()
     assert cancelled == []
+
+
+async def test_followed_outputs_reach_the_callback_inside_the_engine_step():
+    """follow(): what waited goes first, then each output inside the put that made it (no task in between),
+    until one finishes the request; an engine's error or the callback's ends the wait with it, and closing an
+    unfinished stream cancels the request."""
+    from engines.base import Outputs, RequestOutputs, TokenOutput
+
+    q, seen, cancelled = Outputs(), [], []
+    q.put_nowait(TokenOutput([1]))
+    stream = RequestOutputs(q, lambda: cancelled.append(True))
+    following = asyncio.create_task(stream.follow(lambda out: seen.append(out.token_ids)))
+    await asyncio.sleep(0)
+    assert seen == [[1]]
+    q.put_nowait(TokenOutput([2]))
+    assert seen == [[1], [2]]  # at once, in the engine's call
+    q.put_nowait(TokenOutput([3], "length"))
+    await following
+    q.put_nowait(TokenOutput([99]))  # after the finish: queued, never handed over
+    await stream.aclose()
+    assert seen == [[1], [2], [3]] and cancelled == []
+
+    q = Outputs()
+    failing = RequestOutputs(q, lambda: cancelled.append("failing"))
+    following = asyncio.create_task(failing.follow(lambda out: seen.append(out)))
+    await asyncio.sleep(0)
+    q.put_nowait(EngineError("the prompt is empty"))
+    with pytest.raises(EngineError, match="empty"):
+        await following
+    await failing.aclose()
+    assert cancelled == []  # the engine ended it itself
+
+    def refuse(out):
+        raise ConnectionError("NATS is gone")
+
+    q = Outputs()
+    refused = RequestOutputs(q, lambda: cancelled.append("refused"))
+    following = asyncio.create_task(refused.follow(refuse))
+    await asyncio.sleep(0)
+    q.put_nowait(TokenOutput([1]))
+    with pytest.raises(ConnectionError):
+        await following
+    await refused.aclose()
+    assert cancelled == ["refused"]
+
+
+async def test_mocker_cancelled_before_its_first_token_frees_its_blocks():
+    """generate() prefills in a task of its own: a cancel while it waits for the simulated GPU ends the stream
+    and gives back every block."""
+    from engines.mocker import MockerEngine, MockerOptions
+
+    engine = MockerEngine(MockerOptions(prefill_overhead_ms=200, num_blocks=64))
+    engine.start(asyncio.get_running_loop())
+    try:
+        stream = engine.generate(EngineRequest("slow", list(range(40)), SamplingParams(max_tokens=8)))
+        await asyncio.sleep(0.05)
+        assert engine.stats().kv_blocks_free < 64
+        engine.cancel("slow")
+        assert [(o.token_ids, o.finish_reason) async for o in stream] == [([], "cancelled")]
+        await asyncio.sleep(0)
+        assert engine.stats().kv_blocks_free == 64 and engine.stats().running == 0
+        with pytest.raises(EngineError, match="empty"):
+            await collect(engine.generate(EngineRequest("empty", [], SamplingParams())))
+    finally:
+        engine.shutdown()
 
 
 async def test_decode_steps_one_ahead_change_no_token_and_free_every_block(model_dir):

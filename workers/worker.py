@@ -267,22 +267,32 @@ class Worker:
             s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, tuple(s.stop_token_ids), s.ignore_eos))
 
     async def _stream(self, rid: str, outputs, reply, timing: dict | None = None) -> None:
-        """The engine's outputs as token deltas; the first carries `timing` (and the engine's own)."""
+        """The engine's outputs as token deltas; the first carries `timing` (and the engine's own). Where the engine
+        can hand them over inside its step (`follow`), they are sent from there: no task wakes per token."""
         first = True
         t0 = time.perf_counter()
+
+        def delta(out) -> bytes:
+            nonlocal first
+            if out.error:
+                raise _Reply("internal", out.error)
+            self.metrics.tokens.inc(len(out.token_ids))
+            stages = {}
+            if first:
+                stages = {**(timing or {}), **out.timing}
+                if self.o.role == "decode":
+                    stages["decode_first"] = time.perf_counter() - t0
+                self.metrics.observe_stages(stages)
+                first = False
+            return encode(TokenDelta(rid, out.token_ids, out.finish_reason, out.cached_tokens, stages))
+
         async with aclosing(outputs):  # an error or a cancel ends the request in the engine now, not at GC
-            async for out in outputs:
-                if out.error:
-                    raise _Reply("internal", out.error)
-                self.metrics.tokens.inc(len(out.token_ids))
-                stages = {}
-                if first:
-                    stages = {**(timing or {}), **out.timing}
-                    if self.o.role == "decode":
-                        stages["decode_first"] = time.perf_counter() - t0
-                    self.metrics.observe_stages(stages)
-                    first = False
-                await reply(encode(TokenDelta(rid, out.token_ids, out.finish_reason, out.cached_tokens, stages)))
+            follow, send_now = getattr(outputs, "follow", None), getattr(reply, "nowait", None)
+            if follow is not None and send_now is not None:
+                await follow(lambda out: send_now(delta(out)))
+            else:
+                async for out in outputs:
+                    await reply(delta(out))
 
     async def with_images(self, req: GenerateRequest, timing: dict | None = None):
         """The engine request, with the images: encoded here, by an encode worker (E/P/D), or left to an engine

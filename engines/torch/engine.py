@@ -19,7 +19,7 @@ from typing import AsyncIterator
 import torch
 
 from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStats, KvLayout, OutputStream,
-                          PrefillOutput, StepOutputs, TokenOutput, blocks_for, content_keys, stream_until_finished)
+                          PrefillOutput, RequestOutputs, StepOutputs, TokenOutput, blocks_for, content_keys)
 from engines.sampling import sample
 from engines.torch import paged_attention
 from engines.torch.fused import argmax_rows
@@ -245,8 +245,8 @@ class TorchEngine:
             raise EngineError("this model takes no images (its config.json has no vision_config)")
         return encode_with(self.vision, self.image_processing, self.device, images)
 
-    def _stream(self, seq: _Seq) -> AsyncIterator[TokenOutput]:
-        return stream_until_finished(seq.out, lambda: self.cancel(seq.id))
+    def _stream(self, seq: _Seq) -> RequestOutputs:
+        return RequestOutputs(seq.out, lambda: self.cancel(seq.id))
 
     def generate(self, req: EngineRequest) -> AsyncIterator[TokenOutput]:
         self._check(req, req.sampling.max_tokens)

@@ -24,7 +24,6 @@ class PeerGone(Exception):
     """The worker a request waits on left (its etcd lease ended) before it answered."""
 
 
-Reply = Callable[[bytes], Awaitable[None]]
 _GONE = object()  # queued when the worker's lease ends
 _NO_RESPONDERS = object()  # queued when the server says nothing subscribes to the subject
 # A Bus's replies inbox is `<inbox>.<MUX>.<stream token>`. Replies to such a subject may travel together: a worker
@@ -33,6 +32,23 @@ _NO_RESPONDERS = object()  # queued when the server says nothing subscribes to t
 MUX, BATCH = "hpc", "batch"  # stream tokens are hex numbers: never BATCH
 _encode_batch = msgspec.msgpack.Encoder().encode
 _decode_batch = msgspec.msgpack.Decoder(list[tuple[str, bytes]]).decode
+
+
+class Reply:
+    """Sends a served request's replies to its requester, in order. `await reply(data)`, or `reply.nowait(data)`
+    from code that cannot await (an engine step handing over its outputs): either way the reply is queued for the
+    next turn of the event loop, with every other reply of this turn."""
+
+    __slots__ = ("_bus", "_inbox", "_token")
+
+    def __init__(self, bus: "Bus", inbox: str, token: str | None):
+        self._bus, self._inbox, self._token = bus, inbox, token
+
+    async def __call__(self, data: bytes) -> None:
+        self.nowait(data)
+
+    def nowait(self, data: bytes) -> None:
+        self._bus._queue_reply(self._inbox, self._token, data)
 
 
 async def _log_error(e: Exception) -> None:
@@ -64,7 +80,7 @@ class Bus:
         self._mux_prefix = ""  # the replies inbox, opened by connect()
         self._streams: dict[str, asyncio.Queue] = {}
         self._counter = itertools.count()
-        self._outbox: dict[str, list[tuple[str, bytes]]] = {}  # replies waiting to go out, by inbox
+        self._outbox: dict[str, list[tuple[str | None, bytes]]] = {}  # replies waiting to go out, by inbox
         self._sending: asyncio.Task | None = None
 
     @classmethod
@@ -86,14 +102,8 @@ class Bus:
 
         async def on_message(msg):
             inbox, _, token = (msg.reply or "").rpartition(".")
-            batchable = inbox.endswith("." + MUX)
-
-            async def reply(data: bytes) -> None:
-                if batchable:
-                    self._queue_reply(inbox, token, data)
-                elif msg.reply:
-                    await self.nc.publish(msg.reply, data)
-
+            # A Bus's inbox takes replies together; any other (nats-py's request inbox) one message per reply
+            reply = Reply(self, inbox, token) if inbox.endswith("." + MUX) else Reply(self, msg.reply, None)
             task = asyncio.create_task(handler(msg.data, reply))
             self._tasks.add(task)
             self._started += 1
@@ -101,10 +111,13 @@ class Bus:
 
         self._subs.append(await self.nc.subscribe(subject, cb=on_message))
 
-    def _queue_reply(self, inbox: str, token: str, data: bytes) -> None:
-        """Queue a reply for the next turn of the event loop. Every stream that one engine step woke replies in
+    def _queue_reply(self, inbox: str | None, token: str | None, data: bytes) -> None:
+        """Queue a reply for the next turn of the event loop. Every stream that one engine step served replies in
         this turn: they go out as one message per inbox, so NATS and the frontend handle one message per step
-        and frontend, not one per token. Nothing waits longer than that turn."""
+        and frontend, not one per token. Nothing waits longer than that turn. A `token` of None: `inbox` is a
+        plain reply subject, one message per reply."""
+        if not inbox:  # a request that wants no reply
+            return
         if self.nc.is_closed:
             raise nats.errors.ConnectionClosedError
         self._outbox.setdefault(inbox, []).append((token, data))
@@ -119,7 +132,10 @@ class Bus:
                 outbox, self._outbox = self._outbox, {}
                 for inbox, replies in outbox.items():
                     try:
-                        if len(replies) == 1:
+                        if replies[0][0] is None:
+                            for _, data in replies:
+                                await self.nc.publish(inbox, data)
+                        elif len(replies) == 1:
                             await self.nc.publish(f"{inbox}.{replies[0][0]}", replies[0][1])
                         else:
                             await self.nc.publish(f"{inbox}.{BATCH}", _encode_batch(replies))
