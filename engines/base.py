@@ -332,8 +332,9 @@ class RequestOutputs:
         self._loop = asyncio.get_running_loop()
 
     def __del__(self):  # dropped unfinished and unclosed: cancel on the loop, as an async generator's finalizer does
-        if not self._ended and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._cancel)
+        loop = getattr(self, "_loop", None)  # None: built outside a running loop, never started
+        if loop is not None and not self._ended and not loop.is_closed():
+            loop.call_soon_threadsafe(self._cancel)
 
     def __aiter__(self) -> "RequestOutputs":
         return self
