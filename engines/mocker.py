@@ -140,16 +140,13 @@ class MockerEngine:
             raise EngineError(f"prompt of {len(req.prompt)} tokens + max_tokens {req.sampling.max_tokens} exceeds "
                               f"the model's context of {self.o.max_seq_len} tokens")
 
-    def _token(self, req: EngineRequest, index: int) -> int:
-        return mock_token(prompt_seed(req.prompt), index, self.o.vocab_size)
-
     def _reason(self, req: EngineRequest, token: int, generated: int) -> str | None:
         p = req.sampling
         if token in p.stop_token_ids or (token == self.o.eos_token_id and not p.ignore_eos):
             return "stop"
         return "length" if generated >= p.max_tokens else None
 
-    async def _compute_prefill(self, req: EngineRequest, blocks: list[int]) -> tuple[int, dict]:
+    async def _compute_prefill(self, req: EngineRequest, blocks: list[int], seed: int) -> tuple[int, dict]:
         """Simulated prefill; returns the prompt tokens the prefix cache held, and the seconds in queue and compute."""
         self._waiting += 1
         t0 = time.perf_counter()
@@ -163,7 +160,7 @@ class MockerEngine:
                 delay = self.o.prefill_overhead_ms / 1000 + (n - reused) / self.o.prefill_tokens_per_s
                 if delay >= 1e-6:  # a prefill of no time holds the "GPU" for no event-loop turn either
                     await asyncio.sleep(delay)
-                fill = mock_token(prompt_seed(req.prompt), -1, 256)
+                fill = mock_token(seed, -1, 256)
                 for b in blocks:  # real bytes for the transfer to move
                     self.pool[b].fill_(fill)
                 if self._prefix:
@@ -202,12 +199,13 @@ class MockerEngine:
         """Prefill, then the first token; the blocks are freed again if that token already ends the request."""
         self._check(req)
         blocks = await self._allocate(req.request_id, reserve_tokens)
+        seed = prompt_seed(req.prompt)
         try:
-            cached, timing = await self._compute_prefill(req, blocks)
+            cached, timing = await self._compute_prefill(req, blocks, seed)
         except BaseException:
             self._free(req.request_id)
             raise
-        first = self._token(req, 0)
+        first = mock_token(seed, 0, self.o.vocab_size)
         self._generated_tokens += 1
         reason = self._reason(req, first, 1)
         if reason:
