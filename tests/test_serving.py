@@ -215,6 +215,25 @@ async def test_requests_fail_fast_without_a_server_and_time_out_without_a_reply(
     await bus.close()
 
 
+async def test_stream_messages_take_no_extra_turn_of_the_event_loop(nats):
+    """Messages to a served subject or to the replies inbox reach their handler inside nats-py's read loop, never
+    through a subscription queue and its task: this checks the internals that shortcut uses, on the nats-py
+    installed."""
+    server, client = await Bus.connect(nats.url, "server"), await Bus.connect(nats.url, "client")
+
+    async def echo(data, reply):
+        await reply(data)
+
+    await server.serve("echo", echo)
+    assert await client.request("echo", b"hi", 5) == b"hi"
+    for bus in (server, client):
+        direct = [sub for sid, sub in bus.nc._subs.items() if sid in bus.nc._direct]
+        assert len(direct) == (2 if bus is server else 1)  # the served subject, the replies inbox
+        assert all(sub._pending_queue.qsize() == 0 and sub._wait_for_msgs_task is None for sub in direct)
+        await bus.drain_handlers(1)
+        await bus.close()
+
+
 async def test_replies_of_one_loop_turn_travel_together_and_in_order(nats):
     """Streams that a worker answers in the same turn of its event loop share one NATS message per requester; each
     stream still sees its own replies, all of them, in order. nats-py's own request inbox gets plain replies."""

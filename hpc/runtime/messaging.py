@@ -10,6 +10,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import msgspec
 import nats
+from nats.aio.client import Client as NatsClient
 
 from hpc.errors import HpcError
 
@@ -51,6 +52,49 @@ class Reply:
         self._bus._queue_reply(self._inbox, self._token, data)
 
 
+_DIRECT = callable(getattr(NatsClient, "_process_msg", None))
+
+
+def _raw(headers: dict) -> bytes:
+    status = headers.get("Status", "")
+    return f"NATS/1.0 {status}".encode() if status else b""
+
+
+class _Client(NatsClient):
+    """nats-py's client, where a direct subscription's messages go to a plain function inside the read loop, not
+    through a queue to a callback task of their own (nats-py's `cb`). That saves a turn of the event loop per
+    message received: on a busy frontend or worker a turn takes milliseconds, and a first token waits for several.
+    It leans on nats-py's internal `_process_msg` (tests/test_serving.py checks it on the version installed); a
+    nats-py without it gets plain callback subscriptions.
+
+    Publishing stays nats-py's: what a turn publishes leaves together on the flusher task's next turn. Writing each
+    publish at once was measured too: a first token sooner on the 16-core host, but on two cores the extra writes
+    and wake-ups cost more CPU per request than they saved (docs/benchmarks.md)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._direct: dict[int, Callable[[bytes, bytes, bytes, bytes | None], None]] = {}
+
+    async def subscribe_direct(self, subject: str, handle: Callable[[bytes, bytes, bytes, bytes | None], None]):
+        """`handle(subject, reply, data, headers)` for each message, called in the read loop: it must not block."""
+        if not _DIRECT:  # a nats-py without the method: its own callback task, one turn later
+            async def cb(msg):
+                handle(msg.subject.encode(), (msg.reply or "").encode(), msg.data, msg.headers and _raw(msg.headers))
+            return await self.subscribe(subject, cb=cb)
+        sub = await self.subscribe(subject)
+        self._direct[sub._id] = handle
+        return sub
+
+    async def _process_msg(self, sid, subject, reply, data, headers) -> None:
+        handle = self._direct.get(sid)
+        if handle is None:
+            return await super()._process_msg(sid, subject, reply, data, headers)
+        try:
+            handle(subject, reply, data, headers)
+        except Exception:  # one bad message must not stop the read loop
+            log.exception("NATS message on %s", subject.decode(errors="replace"))
+
+
 async def _log_error(e: Exception) -> None:
     """nats-py would print a traceback per connection error; one line is enough (callers report failures)."""
     log.warning("NATS: %s", str(e) or type(e).__name__)
@@ -86,8 +130,9 @@ class Bus:
     @classmethod
     async def connect(cls, url: str, name: str, timeout: float = 5.0, credentials=None) -> "Bus":
         auth = {"user": credentials.nats_user, "password": credentials.nats_password} if credentials else {}
+        nc = _Client()
         try:
-            nc = await asyncio.wait_for(nats.connect(
+            await asyncio.wait_for(nc.connect(
                 url, name=name, connect_timeout=timeout, allow_reconnect=True, reconnect_time_wait=0.5,
                 max_reconnect_attempts=-1, max_outstanding_pings=3, ping_interval=5, error_cb=_log_error, **auth),
                 timeout + 1)
@@ -100,16 +145,17 @@ class Bus:
     async def serve(self, subject: str, handler: Callable[[bytes, Reply], Awaitable[None]]) -> None:
         """Run `handler(payload, reply)` in its own task for each message; `reply` may be called many times."""
 
-        async def on_message(msg):
-            inbox, _, token = (msg.reply or "").rpartition(".")
+        def on_message(subject: bytes, reply_to: bytes, data: bytes, headers) -> None:
+            inbox, _, token = reply_to.decode().rpartition(".")
             # A Bus's inbox takes replies together; any other (nats-py's request inbox) one message per reply
-            reply = Reply(self, inbox, token) if inbox.endswith("." + MUX) else Reply(self, msg.reply, None)
-            task = asyncio.create_task(handler(msg.data, reply))
+            reply = Reply(self, inbox, token) if inbox.endswith("." + MUX) else Reply(self, reply_to.decode(), None)
+            task = asyncio.create_task(handler(data, reply))
             self._tasks.add(task)
             self._started += 1
             task.add_done_callback(self._done)
 
-        self._subs.append(await self.nc.subscribe(subject, cb=on_message))
+        self._subs.append(await self.nc.subscribe_direct(subject, on_message))
+        await self.nc.flush(timeout=5)  # the server has the subscription before anyone learns of it
 
     def _queue_reply(self, inbox: str | None, token: str | None, data: bytes) -> None:
         """Queue a reply for the next turn of the event loop. Every stream that one engine step served replies in
@@ -206,16 +252,19 @@ class Bus:
         connection, so concurrent first requests cannot each open one."""
         prefix = f"{self.nc.new_inbox()}.{MUX}"
 
-        async def route(msg) -> None:
-            token = msg.subject[len(prefix) + 1:]
+        start = len(prefix) + 1
+
+        def route(subject: bytes, _reply: bytes, data: bytes, headers: bytes | None) -> None:
+            token = subject[start:].decode()
             if token == BATCH:
-                for token, data in _decode_batch(msg.data):
+                for token, data in _decode_batch(data):
                     if (queue := self._streams.get(token)) is not None:
                         queue.put_nowait(data)
             elif (queue := self._streams.get(token)) is not None:
-                queue.put_nowait(_NO_RESPONDERS if msg.headers and msg.headers.get("Status") == "503" else msg.data)
+                # nats-py's no-responders status, raw: "NATS/1.0 503" (the server sends it when nothing subscribes)
+                queue.put_nowait(_NO_RESPONDERS if headers and headers[9:12] == b"503" else data)
 
-        await self.nc.subscribe(f"{prefix}.*", cb=route)
+        await self.nc.subscribe_direct(f"{prefix}.*", route)
         self._mux_prefix = prefix
 
     async def stream(self, subject: str, data: bytes, first_timeout: float, idle_timeout: float,
