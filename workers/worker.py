@@ -287,9 +287,9 @@ class Worker:
             return encode(TokenDelta(rid, out.token_ids, out.finish_reason, out.cached_tokens, stages))
 
         async with aclosing(outputs):  # an error or a cancel ends the request in the engine now, not at GC
-            follow, send_now = getattr(outputs, "follow", None), getattr(reply, "nowait", None)
-            if follow is not None and send_now is not None:
-                await follow(lambda out: send_now(delta(out)))
+            follow = getattr(outputs, "follow", None)  # TensorRT-LLM's outputs are iterated
+            if follow is not None:
+                await follow(lambda out: reply.nowait(delta(out)))
             else:
                 async for out in outputs:
                     await reply(delta(out))

@@ -52,20 +52,12 @@ class Reply:
         self._bus._queue_reply(self._inbox, self._token, data)
 
 
-_DIRECT = callable(getattr(NatsClient, "_process_msg", None))
-
-
-def _raw(headers: dict) -> bytes:
-    status = headers.get("Status", "")
-    return f"NATS/1.0 {status}".encode() if status else b""
-
-
 class _Client(NatsClient):
     """nats-py's client, where a direct subscription's messages go to a plain function inside the read loop, not
     through a queue to a callback task of their own (nats-py's `cb`). That saves a turn of the event loop per
     message received: on a busy frontend or worker a turn takes milliseconds, and a first token waits for several.
-    It leans on nats-py's internal `_process_msg` (tests/test_serving.py checks it on the version installed); a
-    nats-py without it gets plain callback subscriptions.
+    It overrides nats-py's internal `_process_msg` (hence the pin below 3 in pyproject.toml; tests/test_serving.py
+    checks the override on the version installed).
 
     Publishing stays nats-py's: what a turn publishes leaves together on the flusher task's next turn. Writing each
     publish at once was measured too: a first token sooner on the 16-core host, but on two cores the extra writes
@@ -77,10 +69,6 @@ class _Client(NatsClient):
 
     async def subscribe_direct(self, subject: str, handle: Callable[[bytes, bytes, bytes, bytes | None], None]):
         """`handle(subject, reply, data, headers)` for each message, called in the read loop: it must not block."""
-        if not _DIRECT:  # a nats-py without the method: its own callback task, one turn later
-            async def cb(msg):
-                handle(msg.subject.encode(), (msg.reply or "").encode(), msg.data, msg.headers and _raw(msg.headers))
-            return await self.subscribe(subject, cb=cb)
         sub = await self.subscribe(subject)
         self._direct[sub._id] = handle
         return sub
