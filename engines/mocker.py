@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -88,6 +89,9 @@ def prompt_seed(prompt: list[int]) -> int:
 
 
 _MASK = (1 << 64) - 1
+# Python 3.12+ starts a request's prefill at once, not on the event loop's next turn: a zero-time prefill gives its
+# first token before generate() returns.
+_EAGER = {"eager_start": True} if sys.version_info >= (3, 12) else {}
 
 
 def mock_token(seed: int, index: int, vocab: int) -> int:
@@ -146,8 +150,11 @@ class MockerEngine:
             return "stop"
         return "length" if generated >= p.max_tokens else None
 
-    async def _compute_prefill(self, req: EngineRequest, blocks: list[int], seed: int) -> tuple[int, dict]:
-        """Simulated prefill; returns the prompt tokens the prefix cache held, and the seconds in queue and compute."""
+    async def _compute_prefill(self, req: EngineRequest, blocks: list[int], seed: int,
+                               fill: bool) -> tuple[int, dict]:
+        """Simulated prefill; returns the prompt tokens the prefix cache held, and the seconds in queue and compute.
+        With `fill`, a pattern goes into the blocks: the bytes a decode worker pulls (generate() keeps its KV here,
+        and nothing reads it)."""
         self._waiting += 1
         t0 = time.perf_counter()
         try:
@@ -160,9 +167,10 @@ class MockerEngine:
                 delay = self.o.prefill_overhead_ms / 1000 + (n - reused) / self.o.prefill_tokens_per_s
                 if delay >= 1e-6:  # a prefill of no time holds the "GPU" for no event-loop turn either
                     await asyncio.sleep(delay)
-                fill = mock_token(seed, -1, 256)
-                for b in blocks:  # real bytes for the transfer to move
-                    self.pool[b].fill_(fill)
+                if fill:  # real bytes for the transfer to move
+                    pattern = mock_token(seed, -1, 256)
+                    for b in blocks:
+                        self.pool[b].fill_(pattern)
                 if self._prefix:
                     self._prefix.add(hashes)
                 self._prompt_tokens += n
@@ -194,14 +202,14 @@ class MockerEngine:
         finally:
             self._waiting -= 1
 
-    async def _first_token(self, req: EngineRequest, reserve_tokens: int) -> tuple[int, str | None, list[int], int,
-                                                                                   dict]:
+    async def _first_token(self, req: EngineRequest, reserve_tokens: int, fill: bool) -> tuple[
+            int, str | None, list[int], int, dict]:
         """Prefill, then the first token; the blocks are freed again if that token already ends the request."""
         self._check(req)
         blocks = await self._allocate(req.request_id, reserve_tokens)
         seed = prompt_seed(req.prompt)
         try:
-            cached, timing = await self._compute_prefill(req, blocks, seed)
+            cached, timing = await self._compute_prefill(req, blocks, seed, fill)
         except BaseException:
             self._free(req.request_id)
             raise
@@ -213,7 +221,7 @@ class MockerEngine:
         return first, reason, blocks, cached, timing
 
     async def prefill(self, req: EngineRequest) -> PrefillOutput:
-        first, reason, blocks, cached, timing = await self._first_token(req, len(req.prompt))
+        first, reason, blocks, cached, timing = await self._first_token(req, len(req.prompt), fill=True)
         if reason:
             return PrefillOutput(first, reason, [], len(req.prompt), cached_tokens=cached, timing=timing)
         self._held.add(req.request_id)
@@ -236,15 +244,18 @@ class MockerEngine:
 
     def generate(self, req: EngineRequest) -> RequestOutputs:
         r = _Running(req, len(req.prompt) + 1, 1)
-        r.prefill = asyncio.get_running_loop().create_task(self._prefill_then_decode(r))
-        self._prefilling[req.request_id] = r
+        self._prefilling[req.request_id] = r  # before the task starts: it may run to its end at once
+        task = asyncio.Task(self._prefill_then_decode(r), loop=asyncio.get_running_loop(), **_EAGER)
+        if not task.done():
+            r.prefill = task
         return RequestOutputs(r.queue, lambda: self.cancel(req.request_id))
 
     async def _prefill_then_decode(self, r: _Running) -> None:
         """generate()'s first token; then the request joins the running batch. A failure goes to the consumer."""
         req = r.req
         try:
-            first, reason, _, cached, timing = await self._first_token(req, len(req.prompt) + req.sampling.max_tokens)
+            first, reason, _, cached, timing = await self._first_token(req, len(req.prompt) + req.sampling.max_tokens,
+                                                                        fill=False)
         except asyncio.CancelledError:
             return  # cancel() told the consumer
         except Exception as e:

@@ -24,6 +24,7 @@ from frontend.tracing import SpanExporter
 from frontend.preprocess import ModelFiles, StopStrings
 from frontend.processes import merge_metrics
 from frontend.router import LoadBoard, make_router
+from hpc.runtime import gc_pauses
 from hpc.runtime.client import ServingClient
 from hpc.runtime.protocol import Sampling, decode_reply
 
@@ -161,6 +162,7 @@ class Frontend:
         self._prepare_new_models()
         self._trace_writer = asyncio.create_task(self.traces.flush_forever())
         await self.client.bus.subscribe(self.client.subjects.load_all(), self._on_load)
+        gc_pauses.settle()  # started: what start-up made is never walked by the collector again
 
     async def close(self) -> None:
         await self.client.close()

@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 
 from hpc.errors import HpcError
+from hpc.runtime import gc_pauses
 
 
 @dataclass
@@ -153,6 +154,7 @@ async def level(url: str, model: str, prompts: list[list[int]], osl: int, concur
     `rate`, open loop (requests arrive at that many per second, Poisson, whatever the server's pace; `concurrency`
     then caps those in flight). Each request is timed from its send; at a rate `late` says how long after its
     arrival that was. `seed`: of the arrival times (default: the number of prompts)."""
+    gc_pauses.settle()  # the generator's own collector pauses would show as the server's latency
     gate = asyncio.Semaphore(concurrency)
     due = arrivals(len(prompts), rate, seed=len(prompts) if seed is None else seed) if rate else [0.0] * len(prompts)
     async with session(concurrency, timeout) as client:

@@ -19,7 +19,7 @@ import msgspec
 
 from engines.base import EngineError, EngineRequest, KvCacheFull, KvLayout as EngineLayout, SamplingParams
 from hpc.config import EngineConfig
-from hpc.runtime import discovery
+from hpc.runtime import discovery, gc_pauses
 from hpc.runtime.messaging import Bus
 from hpc.runtime.metrics import WorkerMetrics
 from hpc.runtime.protocol import (PROTOCOL_VERSION, EncodeRequest, EncodeResult, ErrorReply, GenerateRequest, Keys,
@@ -141,6 +141,7 @@ class Worker:
             self.keys.model(o.served_name, o.worker_id): encode_json(info)}, o.lease_ttl)
         await self.registration.start()
         housekeeping = asyncio.create_task(self.housekeeping())
+        gc_pauses.settle()  # the engine is built: what start-up made is never walked by the collector again
         log.info("ready: %s %s serving %s on %s", o.role, o.worker_id, o.served_name, subject)
         print(f"HPC_WORKER_READY {o.worker_id}", flush=True)
         await self.stopping.wait()
@@ -199,7 +200,7 @@ class Worker:
                 self.metrics.queue_depth.set(stats.waiting)
                 self.metrics.running.set(stats.running)
                 self.metrics.kv_blocks_free.set(stats.kv_blocks_free)
-                self.metrics.count_prompt_tokens(stats.prompt_tokens, stats.reused_prompt_tokens)
+                self.metrics.count_tokens(stats.prompt_tokens, stats.reused_prompt_tokens, stats.generated_tokens)
                 await self.bus.publish(self.subjects.load(self.o.worker_id), encode(stats))
 
     async def on_cancel(self, msg) -> None:
@@ -276,7 +277,6 @@ class Worker:
             nonlocal first
             if out.error:
                 raise _Reply("internal", out.error)
-            self.metrics.tokens.inc(len(out.token_ids))
             stages = {}
             if first:
                 stages = {**(timing or {}), **out.timing}
@@ -355,7 +355,6 @@ class Worker:
             kv = self.transfer.handle(out.block_ids, out.num_tokens)
             self.held[req.request_id] = time.monotonic() + self.o.release_after
             self.held_changed.set()
-        self.metrics.tokens.inc()
         await reply(encode(PrefillResult(req.request_id, out.first_token, out.num_tokens, out.finish_reason, kv,
                                          disagg_params=out.handoff, cached_tokens=out.cached_tokens,
                                          timing=timing)))
