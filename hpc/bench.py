@@ -154,7 +154,8 @@ async def level(url: str, model: str, prompts: list[list[int]], osl: int, concur
     `rate`, open loop (requests arrive at that many per second, Poisson, whatever the server's pace; `concurrency`
     then caps those in flight). Each request is timed from its send; at a rate `late` says how long after its
     arrival that was. `seed`: of the arrival times (default: the number of prompts)."""
-    gc_pauses.settle()  # the generator's own collector pauses would show as the server's latency
+    gc_pauses.settle()  # before t0 (cheap when run_level settled already): the generator's collector pauses would
+    # be the server's latency
     gate = asyncio.Semaphore(concurrency)
     due = arrivals(len(prompts), rate, seed=len(prompts) if seed is None else seed) if rate else [0.0] * len(prompts)
     async with session(concurrency, timeout) as client:
@@ -182,6 +183,7 @@ def _level_in_child(out, ready, url: str, model: str, prompts: list[list[int]], 
                     timeout: float, rate: float | None, seed: int) -> None:
     """One load-generating process's share: puts its results, when it finished (time.time()) and its CPU
     seconds on `out`, after every process is ready (`ready`, a barrier), so that none starts late."""
+    gc_pauses.settle()  # before the barrier: the first collection, the long one, is not in the measured wall time
     ready.wait()
     cpu = time.process_time()
     results, _ = asyncio.run(level(url, model, prompts, osl, concurrency, timeout, rate=rate, seed=seed))
@@ -198,6 +200,7 @@ def run_level(url: str, model: str, prompts: list[list[int]], osl: int, concurre
     time and the generators' CPU seconds."""
     processes = load_processes(processes, concurrency, len(prompts))
     if processes == 1:
+        gc_pauses.settle()  # before the CPU clock starts
         cpu = time.process_time()
         results, wall = asyncio.run(level(url, model, prompts, osl, concurrency, timeout, advance, rate))
         return results, wall, time.process_time() - cpu
