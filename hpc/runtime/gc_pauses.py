@@ -3,7 +3,7 @@
 A full collection walks every object the collector tracks. Right after start-up that is mostly the imported
 libraries: about 77,000 objects in a frontend, 200,000 in a worker that imports torch; one walk took 28-39 ms and
 123 ms on the 2-core VM. Under load, the objects of requests in flight are alive whenever a young collection runs,
-so they are promoted, and enough promotions start a full collection every second or two: each stalls every stream
+so they are promoted, and enough promotions start a full collection every few seconds: each stalls every stream
 the process serves. `settle()`, once start-up is over, freezes what exists (`gc.freeze`: never walked again) and
 runs young collections less often, so fewer in-flight objects are promoted."""
 
