@@ -165,12 +165,14 @@ class MockerEngine:
                 # The last prompt token is always computed: its logits give the first token.
                 reused = min(self._prefix.hit_blocks(hashes) * self.o.block_size, n - 1) if self._prefix else 0
                 delay = self.o.prefill_overhead_ms / 1000 + (n - reused) / self.o.prefill_tokens_per_s
-                if delay >= 1e-6:  # a prefill of no time holds the "GPU" for no event-loop turn either
-                    await asyncio.sleep(delay)
                 if fill:  # real bytes for the transfer to move
                     pattern = mock_token(seed, -1, 256)
                     for b in blocks:
                         self.pool[b].fill_(pattern)
+                if delay >= 1e-6:  # a prefill of no time holds the "GPU" for no event-loop turn either
+                    # The modelled time counts from the lock: the host's own work (hashing, the pattern) is part
+                    # of it, not added to it, so the timing follows the model wherever the host keeps up.
+                    await asyncio.sleep(max(0.0, t1 + delay - time.perf_counter()))
                 if self._prefix:
                     self._prefix.add(hashes)
                 self._prompt_tokens += n
