@@ -234,6 +234,31 @@ async def test_stream_messages_take_no_extra_turn_of_the_event_loop(nats):
         await bus.close()
 
 
+async def test_a_served_subject_answers_as_soon_as_serve_returns(nats):
+    """serve() returns once the server has the subscription: its SUB reaches the socket before flush()'s PING (nats-py
+    2.16 writes the PING at once, ahead of commands still pending, and a request sent right away could get "no
+    responders"; 2 of 90 tries here before the fix)."""
+    server, client = await Bus.connect(nats.url, "server"), await Bus.connect(nats.url, "client")
+    written = []
+    transport = server.nc._transport
+    write, writelines = transport.write, transport.writelines
+    transport.write = lambda data: (written.append(bytes(data)), write(data))[1]
+    transport.writelines = lambda lines: (written.extend(map(bytes, lines)), writelines(lines))[1]
+
+    async def echo(data, reply):
+        await reply(data)
+
+    for i in range(20):
+        written.clear()
+        await server.serve(f"echo{i}", echo)
+        wire = b"".join(written)
+        assert b"SUB echo%d " % i in wire and wire.index(b"SUB echo%d " % i) < wire.index(b"PING"), wire
+        assert await client.request(f"echo{i}", b"hi", 5) == b"hi"
+    for bus in (server, client):
+        await bus.drain_handlers(1)
+        await bus.close()
+
+
 async def test_replies_of_one_loop_turn_travel_together_and_in_order(nats):
     """Streams that a worker answers in the same turn of its event loop share one NATS message per requester; each
     stream still sees its own replies, all of them, in order. nats-py's own request inbox gets plain replies."""

@@ -67,8 +67,8 @@ class _Client(NatsClient):
     """nats-py's client, where a direct subscription's messages go to a plain function inside the read loop, not
     through a queue to a callback task of their own (nats-py's `cb`). That saves a turn of the event loop per
     message received: on a busy frontend or worker a turn takes milliseconds, and a first token waits for several.
-    It overrides nats-py's internal `_process_msg` (hence the pin below 3 in pyproject.toml; tests/test_serving.py
-    checks the override on the version installed).
+    It overrides nats-py's internals `_process_msg` and `_send_ping` (hence the pin below 3 in pyproject.toml;
+    tests/test_serving.py checks both on the version installed).
 
     Publishing stays nats-py's: what a turn publishes leaves together on the flusher task's next turn. Writing each
     publish at once was measured too: a first token sooner on the 16-core host, but on two cores the extra writes
@@ -83,6 +83,15 @@ class _Client(NatsClient):
         sub = await self.subscribe(subject)
         self._direct[sub._id] = handle
         return sub
+
+    async def _send_ping(self, future=None) -> None:
+        # nats-py writes a PING to the socket at once, ahead of commands still pending for its flusher task (the SUB
+        # that serve() just made): flush()'s PONG then came back before the server had the subscription, and a
+        # request sent at once got "no responders". What is pending goes first.
+        if self._pending and self.is_connected:
+            pending, self._pending, self._pending_data_size = self._pending, [], 0
+            self._transport.writelines(pending)
+        await super()._send_ping(future)
 
     async def _process_msg(self, sid, subject, reply, data, headers) -> None:
         handle = self._direct.get(sid)
