@@ -68,7 +68,7 @@ def main() -> None:
         local = LocalDeployment(load_deployment(d / f"{name}.yaml"), d / router)
         local.start()
         try:
-            results, wall = asyncio.run(bench.level(local.url, "mock", prompts, OSL, a.concurrency, 120))
+            results, wall = bench.run_loop(bench.level(local.url, "mock", prompts, OSL, a.concurrency, 120))
             row = bench.summarize(a.concurrency, results, wall)
             rows.append({"router": router, **{k: row[k] for k in ("requests", "errors", "ttft_p50_ms", "ttft_p90_ms",
                                                                    "ttft_p99_ms", "e2e_p50_ms", "req_s")},

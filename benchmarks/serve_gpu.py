@@ -61,7 +61,7 @@ def deployment(d: Path, model: Path, mode: str, aggregated_replicas: int = 1) ->
 
 def measure(local: LocalDeployment, mode: str, c: int, prompts: list[list[int]], osl: int, gpus: int = 1,
             slo: bench.Slo = bench.Slo(), rate: float | None = None) -> dict:
-    results, wall = asyncio.run(bench.level(local.url, "llama-3-8b-shape", prompts, osl, c, 300, rate=rate))
+    results, wall = bench.run_loop(bench.level(local.url, "llama-3-8b-shape", prompts, osl, c, 300, rate=rate))
     r = bench.summarize(c, results, wall, gpus, slo, rate)
     row = {"mode": mode, **{k: r[k] for k in ("concurrency", "rate_req_s", "requests", "errors", "ttft_p50_ms",
                                               "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tpot_p50_ms", "e2e_p50_ms",
@@ -122,7 +122,7 @@ def main() -> None:
                 prompts = bench.make_prompts(n, a.isl, 10, LLAMA3_8B["vocab_size"], seed=seed)
                 warm = bench.make_prompts(8 if rate else c, a.isl, 10, LLAMA3_8B["vocab_size"],
                                           seed=100_000 + seed if rate else 1000 + c)  # not cached later
-                asyncio.run(bench.level(local.url, "llama-3-8b-shape", warm, a.osl, c, 300))
+                bench.run_loop(bench.level(local.url, "llama-3-8b-shape", warm, a.osl, c, 300))
                 rows.append(measure(local, mode, c, prompts, a.osl, n_gpus, slo, rate))
             # 16 of the same prompts with a shared prefix of all but their last 16 tokens: the prefix cache's gain.
             shared = prompts[0][:-16]

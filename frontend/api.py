@@ -59,13 +59,7 @@ class Common(BaseModel):
 
     def prompt_chars(self) -> int:
         """Characters of text the prompt holds, before any tokenization (token-id prompts: 0)."""
-        p = getattr(self, "prompt", None)
-        if isinstance(p, str):
-            return len(p)
-        if isinstance(p, list) and p and isinstance(p[0], str):
-            return sum(len(x) for x in p)
-        return sum(len(m.content) if isinstance(m.content, str) else sum(len(str(part.get("text", "")))
-                   for part in m.content or [] if isinstance(part, dict)) for m in getattr(self, "messages", []))
+        raise NotImplementedError
 
     def check_supported(self) -> None:
         if self.n != 1:
@@ -122,6 +116,10 @@ class ChatRequest(Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
 
+    def prompt_chars(self) -> int:
+        return sum(len(m.content) if isinstance(m.content, str) else sum(len(str(part.get("text", "")))
+                   for part in m.content or [] if isinstance(part, dict)) for m in self.messages)
+
     def check_supported(self) -> None:
         super().check_supported()
         fmt = (self.model_extra or {}).get("response_format")
@@ -131,3 +129,9 @@ class ChatRequest(Common):
 
 class CompletionRequest(Common):
     prompt: str | list[int] | list[str]
+
+    def prompt_chars(self) -> int:
+        p = self.prompt
+        if isinstance(p, str):
+            return len(p)
+        return sum(len(x) for x in p) if p and isinstance(p[0], str) else 0

@@ -31,6 +31,7 @@ MAX_CHARS_PER_TOKEN = 32
 TOKENIZE_INLINE_CHARS = 16384
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
+DONE = b"data: [DONE]\n\n"
 _encode = msgspec.json.Encoder().encode
 # Characters that JSON leaves raw but line splitters (Python's str.splitlines, httpx's iter_lines) break lines at.
 _LINE_BREAKS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"), (b"\xc2\x85", b"\\u0085"))
@@ -274,7 +275,7 @@ class GenerationApp:
                     f"model {req.model!r} has no complete path (prefill and decode, or aggregated) right now")
             files = fe.model_files(req.model)
             prompt, images = await tokenize(req, files, fe.media_policy)
-            max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+            max_tokens = (req.max_completion_tokens if isinstance(req, ChatRequest) else None) or req.max_tokens
             max_tokens = max_tokens or max(1, min(16, files.context_length - len(prompt)))
             files.check_length(len(prompt), max_tokens)
         except Exception as e:
@@ -311,25 +312,37 @@ class GenerationApp:
         opts = req.stream_options
         continuous = bool(opts and opts.continuous_usage_stats)
         text, reason, n, cached = first
-        yield (chunks.role() if chunks.chat else b"") + chunks.delta(text, reason,
-                                                                      chunks.usage(n, cached) if continuous else None)
+        piece = (chunks.role() if chunks.chat else b"") + chunks.delta(text, reason,
+                                                                       chunks.usage(n, cached) if continuous else None)
         try:
-            async for text, reason, n, cached in events:
-                yield chunks.delta(text, reason, chunks.usage(n, cached) if continuous else None)
+            while reason is None:
+                yield piece
+                try:
+                    text, reason, n, cached = await events.__anext__()
+                except StopAsyncIteration:
+                    piece = b""
+                    break
+                piece = chunks.delta(text, reason, chunks.usage(n, cached) if continuous else None)
         except Exception as e:  # after the first token: report in the stream, never hang it
             err = to_api_error(e)
             self.fe.count(str(err.status))
-            yield sse_event({"error": {"message": err.message, "type": err.type, "code": err.status}})
-        else:
-            if opts and opts.include_usage:
-                yield chunks.final_usage(n, cached)
-            self.fe.count("200")
-        yield b"data: [DONE]\n\n"
+            yield sse_event({"error": {"message": err.message, "type": err.type, "code": err.status}}) + DONE
+            return
+        # The last delta, the usage and [DONE] end the body in one write: one TCP segment, one wake-up of the
+        # client, instead of three.
+        if opts and opts.include_usage:
+            piece += chunks.final_usage(n, cached)
+        self.fe.count("200")
+        yield piece + DONE
 
     @staticmethod
     async def stream(send, body: AsyncIterator[bytes]) -> None:
+        """The SSE body; the chunk that ends with [DONE] also ends the response (the same write)."""
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         async with aclosing(body):
             async for chunk in body:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                end = chunk.endswith(DONE)
+                await send({"type": "http.response.body", "body": chunk, "more_body": not end})
+                if end:
+                    return
         await send({"type": "http.response.body", "body": b"", "more_body": False})

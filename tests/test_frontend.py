@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -77,6 +78,44 @@ async def test_async_client_streams_with_usage(stacks):
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 8
     await c.close()
+
+
+def http_chunks(sock, limit: float = 30) -> list[bytes]:
+    """One chunked HTTP/1.1 response read off a raw socket: its body chunks as framed on the wire."""
+    data, deadline = b"", time.monotonic() + limit
+    while not data.endswith(b"0\r\n\r\n"):
+        assert time.monotonic() < deadline, data
+        data += sock.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
+    chunks = []
+    while True:
+        size, body = body.split(b"\r\n", 1)
+        if int(size, 16) == 0:
+            return chunks
+        chunks.append(body[:int(size, 16)])
+        body = body[int(size, 16) + 2:]
+
+
+def test_the_last_token_usage_and_done_end_the_stream_in_one_chunk(stacks):
+    """Fewer writes per stream: the last delta, the usage and [DONE] go out in one chunk that ends the response,
+    and the connection serves the next request."""
+    url = stacks["agg"].url.removeprefix("http://")
+    host, port = url.split(":")
+    body = json.dumps({"model": MODEL, "messages": CHAT, "max_tokens": 5, "stream": True, "ignore_eos": True,
+                       "stream_options": {"include_usage": True, "continuous_usage_stats": True}}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+               b"content-length: %d\r\n\r\n" % len(body)) + body
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        for _ in range(2):  # keep-alive: the second response proves the first one ended cleanly
+            sock.sendall(request)
+            chunks = http_chunks(sock)
+            events = [e.removeprefix(b"data: ") for e in chunks[-1].split(b"\n\n") if e]
+            assert events[-1] == b"[DONE]" and len(events) >= 3, chunks  # the first delta too if it was the last
+            last, usage = json.loads(events[-3]), json.loads(events[-2])
+            assert last["choices"][0]["finish_reason"] == "length" and usage["choices"] == []
+            assert usage["usage"]["completion_tokens"] == 5
+            assert all(b"[DONE]" not in c for c in chunks[:-1])
 
 
 def test_stop_strings_cut_the_answer(stacks):
