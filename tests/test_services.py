@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import aetcd
 import nats
@@ -52,6 +53,14 @@ async def test_nats_request_reply_and_stream(nats):
         assert got == [b"0", b"1", b"2", b"end"]
     finally:
         await nc.close()
+
+
+def test_nats_runs_under_sched_batch_and_its_starter_does_not(nats):
+    """Every thread of NATS (the Go runtime starts them after exec) has the batch policy; the thread that started
+    it is back to its own."""
+    policies = {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{nats.popen.pid}/task")}
+    assert policies == {os.SCHED_BATCH}
+    assert os.sched_getscheduler(0) != os.SCHED_BATCH
 
 
 async def nats_connect(url):
