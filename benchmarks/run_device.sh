@@ -35,8 +35,10 @@ for what in "$@"; do
         .carry/dynamo/*.whl
       tar xJf .carry/dynamo/dynamo.tar.xz -C /tmp/site
       python3 benchmarks/peer_dynamo.py --dynamo-python python3 --client-processes 4 --rates 1000,2000,3000 \
-        --name peer_dynamo-h200-4clients ;;
+        --name "${PEER_NAME:-peer_dynamo-h200-4clients}" ;;
     decode-profile) python3 benchmarks/decode_profile.py ;;
+    # NATS's scheduling policy alternated on one stack (it matters where cores are busy; here they are not).
+    nats-policy) serve_setup; python3 benchmarks/nats_policy.py --processes 4 --name nats_policy-h100 ;;
     # The per-token cost of worker, NATS and frontend under a 10 ms decode step, up to 1024 streams.
     token-path) serve_setup
       python3 benchmarks/token_path.py --streams 64,256,1024 --client-processes 4 --name token_path-h200-1proc

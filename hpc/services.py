@@ -95,10 +95,10 @@ def start_nats(data_dir: Path, host: str = "127.0.0.1", port: int = 0, timeout: 
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the password
     with os.fdopen(fd, "w") as f:
         f.write(f"max_payload: {MAX_PAYLOAD}\n" + nats_config(credentials))
-    # SCHED_BATCH: NATS's Go runtime wakes its threads about three times a request; where every core is busy, each
-    # of those wake-ups preempted a frontend or worker in the middle of its event-loop turn. Under SCHED_BATCH
-    # NATS waits for a free core and forwards what accumulated in one go (docs/benchmarks.md, "NATS under
-    # SCHED_BATCH"). Its share of the CPU is unchanged.
+    # SCHED_BATCH: NATS's Go runtime wakes its threads two to three times a request under load; where every core
+    # is busy, each of those wake-ups preempted a frontend or worker in the middle of its event-loop turn. Under
+    # SCHED_BATCH NATS waits for a free core and forwards what accumulated in one go; its share of the CPU is
+    # unchanged (benchmarks/nats_policy.py; docs/benchmarks.md).
     popen = spawn([exe, "-c", str(conf), "-a", host, "-p", str(port), "-js", "-sd", str(data_dir / "jetstream")],
                   log, batch=True)
     service = Service("nats", f"nats://{advertise or host}:{port}", data_dir, log, popen)
