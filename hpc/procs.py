@@ -84,12 +84,13 @@ def batch_policy(enabled: bool = True):
     that its wake-ups never preempt a running task (sched(7)): a server that wakes for every message waits for a
     core to come free instead of cutting another process's turn short. Needs no privilege; where it is refused
     or missing the block runs with the policy unchanged."""
-    try:
-        before = (os.sched_getscheduler(0), os.sched_getparam(0)) if enabled else None
-        if before:
+    before = None
+    if enabled:
+        try:
+            before = os.sched_getscheduler(0), os.sched_getparam(0)
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError):
-        before = None
+        except (AttributeError, OSError):
+            before = None
     try:
         yield
     finally:
