@@ -65,18 +65,19 @@ async def paired_ttft_ms(local: LocalDeployment, floor_url: str, n: int, osl: in
     empty HTTP endpoint, in a random order: on a VM, a request that follows an idle gap pays to wake the
     processes it reaches, so no way may always follow the same other. Returns p50/p99 TTFT of each, in ms."""
     async def through_frontend(prompt):
-        return (await bench.one(http, local.url, "mock", prompt, osl)).ttft
+        return (await bench.one(http, "mock", prompt, osl)).ttft
 
     async def straight(prompt):
         return await straight_ttft(direct, prompt, osl)
 
     async def floor(prompt):
-        return (await bench.one(http, floor_url, "m", prompt, 1)).ttft
+        return (await bench.one(http_floor, "m", prompt, 1)).ttft
 
     ways = {"frontend": through_frontend, "direct": straight, "floor": floor}
     ttft = {key: [] for key in ways}
     order = random.Random(7)
-    async with runtime_client(local) as direct, bench.session(2, 30) as http:
+    async with (runtime_client(local) as direct, bench.streaming_client(local.url, 30) as http,
+                bench.streaming_client(floor_url, 30) as http_floor):
         for i, prompt in enumerate(bench.make_prompts(n + 20, 32, 10, 500, seed=99)):
             keys = list(ways)
             order.shuffle(keys)  # each way follows each other way equally often

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import threading
 import time
@@ -24,6 +25,7 @@ import aiohttp
 import msgspec
 import uvloop
 
+from hpc.bench_http import HttpFailure, StreamingClient
 from hpc.errors import HpcError
 from hpc.runtime import gc_pauses
 
@@ -83,16 +85,23 @@ def vocabulary(tokenizer_dir: str | None) -> tuple[int, int]:
     return first, tok.get_vocab_size()
 
 
-def session(concurrency: int, timeout: float) -> aiohttp.ClientSession:
-    """aiohttp, not httpx: on a 2-core VM an empty streaming endpoint answered in 1.2 ms through httpx and in 0.4 ms
-    through aiohttp. A load generator should measure the server, not itself."""
-    import os
-
+def _headers() -> dict[str, str]:
     key = os.environ.get("HPC_API_KEY", "").split(",")[0].strip() or os.environ.get("OPENAI_API_KEY", "")
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    return {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+
+def session(concurrency: int, timeout: float) -> aiohttp.ClientSession:
+    """aiohttp, for the calls that are not measured (the model list). The measured streams go through
+    hpc/bench_http.py (`streaming_client`)."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
                                  timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
-                                 read_bufsize=1 << 20, headers=headers)
+                                 read_bufsize=1 << 20, headers=_headers())
+
+
+def streaming_client(url: str, timeout: float) -> StreamingClient:
+    """The measured requests' client: each event timed when its bytes are read (hpc/bench_http.py says why not
+    aiohttp). `timeout`: to connect, and the longest quiet time within a response."""
+    return StreamingClient(url, _headers(), timeout, timeout)
 
 
 # msgspec's JSON and uvloop's event loop (run_loop): the load generator spent a quarter less CPU per request than
@@ -102,43 +111,51 @@ _encode, _decode = msgspec.json.encode, msgspec.json.decode
 run_loop = uvloop.run
 
 
-async def one(client: aiohttp.ClientSession, url: str, model: str, prompt: list[int], osl: int) -> Result:
+class _Tally:
+    """One request's stream, event by event, as the client reads it: TTFT and ITL from the read times."""
+
+    __slots__ = ("res", "t0", "last")
+
+    def __init__(self, res: Result, t0: float):
+        self.res, self.t0, self.last = res, t0, None
+
+    def __call__(self, data: bytes, now: float) -> None:
+        res = self.res
+        if data.startswith(b"[DONE]") or res.error is not None:
+            return
+        msg = _decode(data)
+        if "error" in msg:
+            res.error = msg["error"]["message"]
+            return
+        usage, choices = msg.get("usage"), msg.get("choices")
+        if usage:
+            res.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        if not choices:  # the final usage-only chunk
+            res.output_tokens = usage["completion_tokens"] if usage else res.output_tokens
+            return
+        if usage:  # tokens so far: a chunk with more of them is a token arrival
+            arrived = usage["completion_tokens"] > res.output_tokens
+            res.output_tokens = usage["completion_tokens"]
+        else:
+            res.timing = "text"
+            arrived = bool(choices[0].get("text"))
+        if arrived:
+            if self.last is None:
+                res.ttft = now - self.t0
+            else:
+                res.itl.append(now - self.last)
+            self.last = now
+
+
+async def one(client: StreamingClient, model: str, prompt: list[int], osl: int) -> Result:
     body = {"model": model, "prompt": prompt, "max_tokens": osl, "stream": True, "ignore_eos": True,
             "temperature": 0.0, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     res, t0 = Result(prompt_tokens=len(prompt)), time.perf_counter()
-    last = None
     try:
-        async with client.post(f"{url}/v1/completions", data=_encode(body)) as r:
-            if r.status != 200:
-                res.error = f"HTTP {r.status}: {(await r.read()).decode(errors='replace')[:200]}"
-                return res
-            async for line in r.content:  # line by line
-                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                    continue
-                now = time.perf_counter()
-                msg = _decode(line[6:])
-                if "error" in msg:
-                    res.error = msg["error"]["message"]
-                    return res
-                usage, choices = msg.get("usage"), msg.get("choices")
-                if usage:
-                    res.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                if not choices:  # the final usage-only chunk
-                    res.output_tokens = usage["completion_tokens"] if usage else res.output_tokens
-                    continue
-                if usage:  # tokens so far: a chunk with more of them is a token arrival
-                    arrived = usage["completion_tokens"] > res.output_tokens
-                    res.output_tokens = usage["completion_tokens"]
-                else:
-                    res.timing = "text"
-                    arrived = bool(choices[0].get("text"))
-                if arrived:
-                    if last is None:
-                        res.ttft = now - t0
-                    else:
-                        res.itl.append(now - last)
-                    last = now
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError) as e:
+        status, text = await client.post("/v1/completions", _encode(body), _Tally(res, t0))
+        if status != 200:
+            res.error = f"HTTP {status}: {text.decode(errors='replace')[:200]}"
+    except (OSError, HttpFailure, ValueError, KeyError, TypeError) as e:
         res.error = f"{type(e).__name__}: {str(e) or 'no detail'}"
     res.e2e = time.perf_counter() - t0
     if res.error is None and (res.ttft is None or (res.timing == "tokens" and res.output_tokens == 0)):
@@ -167,13 +184,13 @@ async def level(url: str, model: str, prompts: list[list[int]], osl: int, concur
     # be the server's latency
     gate = asyncio.Semaphore(concurrency)
     due = arrivals(len(prompts), rate, seed=len(prompts) if seed is None else seed) if rate else [0.0] * len(prompts)
-    async with session(concurrency, timeout) as client:
+    async with streaming_client(url, timeout) as client:
         async def run(p, at):
             if at:
                 await asyncio.sleep(at - (time.perf_counter() - t0))
             async with gate:
                 late = time.perf_counter() - t0 - at
-                r = await one(client, url, model, p, osl)
+                r = await one(client, model, p, osl)
                 r.late = late if rate else 0.0
                 advance()
                 return r

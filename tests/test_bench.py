@@ -62,8 +62,9 @@ def server():
         return resp
 
     async def run(kind: str) -> b.Result:
-        async with http_server(handle, "/{kind}/v1/completions") as url, b.session(1, 10) as client:
-            return await b.one(client, f"{url}/{kind}", "m", list(range(32)), 3)
+        async with http_server(handle, "/{kind}/v1/completions") as url, b.streaming_client(f"{url}/{kind}",
+                                                                                            10) as client:
+            return await b.one(client, "m", list(range(32)), 3)
 
     return lambda kind: asyncio.run(run(kind))
 
@@ -229,3 +230,72 @@ def test_load_generating_processes_that_finish_apart_are_all_waited_for():
 
     results, wall, _ = asyncio.run(run())
     assert all(r.error is None for r in results) and len(results) == 2 and wall > 2.4
+
+
+def stream_with(handle, kind: str = "x", idle_timeout: float = 10, requests: int = 1) -> list[b.Result]:
+    """`requests` completions, one after another over the load generator's client, from a real server that
+    answers with `handle`."""
+    async def run():
+        async with http_server(handle, "/{kind}/v1/completions") as url, b.streaming_client(f"{url}/{kind}",
+                                                                                            idle_timeout) as client:
+            return [await b.one(client, "m", list(range(8)), 3) for _ in range(requests)]
+
+    return asyncio.run(run())
+
+
+def test_each_event_is_timed_when_its_bytes_arrive_even_split_across_reads():
+    async def handle(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        first, second = sse(chunk("a", 1)), sse(chunk("b", 2), {"choices": [], "usage": {"completion_tokens": 2}})
+        await resp.write(first[:10])  # half an event: nothing to time yet
+        await asyncio.sleep(0.05)
+        await resp.write(first[10:first.index(b"data: [DONE]")])
+        await asyncio.sleep(0.3)
+        await resp.write(second)
+        return resp
+
+    [r] = stream_with(handle)
+    assert r.error is None and r.output_tokens == 2 and r.timing == "tokens"
+    assert 0.05 <= r.ttft < 0.3 and len(r.itl) == 1 and 0.3 <= r.itl[0] < 0.6
+
+
+def test_requests_reuse_one_keep_alive_connection():
+    peers = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(STREAMS["empty-text-tokens"])
+        return resp
+
+    results = stream_with(handle, requests=3)
+    assert all(r.error is None and r.output_tokens == 3 for r in results)
+    assert len(peers) == 3 and len(set(peers)) == 1
+
+
+def test_an_http_error_a_silent_server_and_a_cut_stream_are_errors_that_say_which():
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "no such model"}}, status=404)
+
+    async def silent(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(sse(chunk("a", 1))[:-len("data: [DONE]\n\n")])
+        await asyncio.sleep(5)
+        return resp
+
+    async def cut(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(sse(chunk("a", 1))[:-len("data: [DONE]\n\n")])
+        request.transport.close()
+        return resp
+
+    [r] = stream_with(refuse)
+    assert r.error.startswith("HTTP 404: ") and "no such model" in r.error
+    [r] = stream_with(silent, idle_timeout=0.3)
+    assert "no data for 0.3 s" in r.error and r.ttft is not None and r.e2e < 3
+    [r] = stream_with(cut)
+    assert "closed the connection" in r.error
