@@ -12,6 +12,7 @@ import sys
 import uvicorn
 
 from frontend.app import Frontend, create_app
+from frontend.http_protocol import HttpProtocol
 from frontend.processes import CHILD_READY, READY, Peers, default_processes, reuseport_socket, run_parent
 from hpc.errors import HpcError
 from hpc.procs import free_port
@@ -115,9 +116,9 @@ def main(argv=None) -> None:
         ready_line = CHILD_READY
     app = create_app(fe, on_ready=lambda: print(ready_line, flush=True))
     try:
-        # uvloop and httptools; no access log, proxy-header rewriting or server header: work per request that
-        # nothing here reads.
-        config = uvicorn.Config(app, host=a.host, port=port, log_level="warning", loop="uvloop", http="httptools",
+        # uvloop and httptools (HttpProtocol: an event stream's head leaves with its first chunk); no access log,
+        # proxy-header rewriting or server header: work per request that nothing here reads.
+        config = uvicorn.Config(app, host=a.host, port=port, log_level="warning", loop="uvloop", http=HttpProtocol,
                                 access_log=False, proxy_headers=False, server_header=False,
                                 timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=sockets)

@@ -45,6 +45,16 @@ class FrontendMetrics:
         self.stages = Histogram("hpc_frontend_stage_seconds", "Where TTFT goes, per request: preprocess (here), "
                                 "prefill_rtt (here), and the worker's own queue, compute, encode; kv_transfer and "
                                 "decode_first on the decode worker", ["stage", "worker"], registry=r, buckets=BUCKETS)
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels: str):
+        """metric.labels(*labels), looked up once: prometheus_client validates and locks on every labels() call,
+        and a request counts its status and observes its stages each time."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
 
 class RecentWindow:
@@ -152,7 +162,7 @@ class Frontend:
 
     def count(self, status: str) -> None:
         """A request's outcome (HTTP status): in the metrics, and in the last minute's (server errors are errors)."""
-        self.metrics.requests.labels(status).inc()
+        self.metrics.child(self.metrics.requests, status).inc()
         self.recent.done.append((time.monotonic(), not status.startswith("5")))
 
     async def start(self) -> None:
@@ -282,7 +292,7 @@ class Frontend:
         worker = trace.get("prefill_worker", "")
         for stage, seconds in stages.items():
             if seconds is not None:
-                self.metrics.stages.labels(stage, trace.get("decode_worker", worker) if stage in (
+                self.metrics.child(self.metrics.stages, stage, trace.get("decode_worker", worker) if stage in (
                     "kv_wait", "kv_transfer", "decode_first") else worker).observe(seconds)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from contextlib import aclosing
 from typing import AsyncIterator, Callable
 
@@ -21,6 +20,7 @@ from frontend.api import ApiError, ChatRequest, Common, CompletionRequest, Unsup
 from frontend.preprocess import ModelFiles, PreprocessError
 from hpc.runtime.protocol import MultimodalPart
 from hpc.runtime.client import NoWorkers, ServingError
+from hpc.runtime.ids import unique_id
 from hpc.runtime.messaging import PeerGone, RequestTimeout
 
 log = logging.getLogger("frontend")
@@ -162,7 +162,7 @@ class Chunks:
 
     def __init__(self, req: Common, prompt_tokens: int):
         self.chat = isinstance(req, ChatRequest)
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + unique_id()
         self.model, self.created, self.prompt_tokens = req.model, int(time.time()), prompt_tokens
 
     def usage(self, n: int, cached: int) -> dict:

@@ -118,6 +118,26 @@ def test_the_last_token_usage_and_done_end_the_stream_in_one_chunk(stacks):
             assert all(b"[DONE]" not in c for c in chunks[:-1])
 
 
+def test_a_streams_head_and_first_chunk_leave_in_one_write(stacks):
+    """The head of an event stream waits for its first chunk (frontend/http_protocol.py): the client's first read
+    holds both. A JSON response's head is written as before."""
+    host, port = stacks["agg"].url.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4, "stream": True,
+                       "ignore_eos": True}).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+               b"content-length: %d\r\n\r\n" % len(body)) + body
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        first = sock.recv(65536)
+        head, _, rest = first.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head and b"data: {" in rest, first
+        while not first.endswith(b"0\r\n\r\n"):
+            first += sock.recv(65536)
+    r = httpx.post(f"{stacks['agg'].url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+                   timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
 def test_stop_strings_cut_the_answer(stacks):
     c = client(stacks["dis"])
     full = c.completions.create(model=MODEL, prompt="Hello", max_tokens=20, temperature=0,

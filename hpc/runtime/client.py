@@ -19,6 +19,7 @@ from typing import AsyncIterator, Callable
 
 from hpc.runtime import discovery
 from hpc.runtime.discovery import WorkerDirectory
+from hpc.runtime.ids import unique_id
 from hpc.runtime.messaging import Bus, PeerGone
 from hpc.runtime.protocol import (ErrorReply, GenerateRequest, Keys, PrefillResult, Sampling, StatsRequest, Subjects,
                                   TokenDelta, WorkerInfo, WorkerStats, decode_reply, encode)
@@ -111,7 +112,7 @@ class ServingClient:
                        trace: dict | None = None) -> AsyncIterator[TokenDelta]:
         """The request's token deltas. `trace`, when given, is filled with where the request went and where its
         time went: the workers (id, host), the round trips seen from here, and each worker's own timing."""
-        req = GenerateRequest(request_id or uuid.uuid4().hex, model, list(token_ids), sampling,
+        req = GenerateRequest(request_id or unique_id(), model, list(token_ids), sampling,
                               multimodal=list(multimodal))
         trace = trace if trace is not None else {}
         if self.directory.by_role("aggregated", req.model):
