@@ -26,6 +26,7 @@ from frontend.processes import merge_metrics
 from frontend.router import LoadBoard, make_router
 from hpc.runtime import gc_pauses
 from hpc.runtime.client import ServingClient
+from hpc.runtime.metrics import Children
 from hpc.runtime.protocol import Sampling, decode_reply
 
 log = logging.getLogger("frontend")
@@ -45,16 +46,7 @@ class FrontendMetrics:
         self.stages = Histogram("hpc_frontend_stage_seconds", "Where TTFT goes, per request: preprocess (here), "
                                 "prefill_rtt (here), and the worker's own queue, compute, encode; kv_transfer and "
                                 "decode_first on the decode worker", ["stage", "worker"], registry=r, buckets=BUCKETS)
-        self._children: dict[tuple, object] = {}
-
-    def child(self, metric, *labels: str):
-        """metric.labels(*labels), looked up once: prometheus_client validates and locks on every labels() call,
-        and a request counts its status and observes its stages each time."""
-        key = (metric, labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
+        self.child = Children()  # a request counts its status and observes its stages each time
 
 
 class RecentWindow:

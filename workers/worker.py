@@ -259,7 +259,7 @@ class Worker:
             await reply(encode(ErrorReply(rid, "internal", f"{type(e).__name__}: {e}")))
         finally:
             self.tasks.pop(rid, None)
-            self.metrics.requests.labels(status).inc()
+            self.metrics.child(self.metrics.requests, status).inc()
 
     @staticmethod
     def engine_request(req: GenerateRequest) -> EngineRequest:

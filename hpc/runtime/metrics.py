@@ -9,6 +9,21 @@ from hpc.procs import free_port
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+class Children:
+    """`children(metric, *labels)` is `metric.labels(*labels)`, looked up once per label set: prometheus_client
+    validates the labels and takes a lock on every labels() call, and each request asks for the same few."""
+
+    def __init__(self):
+        self._found: dict[tuple, object] = {}
+
+    def __call__(self, metric, *labels: str):
+        key = (metric, labels)
+        found = self._found.get(key)
+        if found is None:
+            found = self._found[key] = metric.labels(*labels)
+        return found
+
+
 class WorkerMetrics:
     def __init__(self, role: str, worker_id: str):
         self.registry = r = CollectorRegistry()
@@ -43,13 +58,14 @@ class WorkerMetrics:
                                 "compute (prefill), encode, kv_transfer, decode_first", ["stage"], registry=r,
                                 buckets=LATENCY_BUCKETS)
         self._counted = (0, 0, 0)
+        self.child = Children()
         self.info = Gauge("hpc_worker_info", "Worker identity", list(labels), registry=r)
         self.info.labels(**labels).set(1)
 
     def observe_stages(self, timing: dict) -> None:
         for stage, seconds in timing.items():
             if stage != "kv_bytes":
-                self.stages.labels(stage).observe(seconds)
+                self.child(self.stages, stage).observe(seconds)
 
     def count_tokens(self, prompt: int, reused: int, generated: int) -> None:
         """The engine keeps running totals; the counters take what is new since the last call. Counting here, a
