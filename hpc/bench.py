@@ -124,6 +124,8 @@ class _Tally:
         if data.startswith(b"[DONE]") or res.error is not None:
             return
         msg = _decode(data)
+        if not isinstance(msg, dict):
+            raise ValueError(f"an event that is not a JSON object: {data[:80]!r}")
         if "error" in msg:
             res.error = msg["error"]["message"]
             return

@@ -115,7 +115,8 @@ class _Exchange(asyncio.Protocol):
 
 
 class StreamingClient:
-    """POSTs to one server over up to `limit` keep-alive connections (the caller bounds its concurrency)."""
+    """POSTs to one server over keep-alive connections: one per request in flight, reused by the next (the caller
+    bounds the concurrency)."""
 
     def __init__(self, url: str, headers: dict[str, str], connect_timeout: float, idle_timeout: float):
         u = urlsplit(url)
