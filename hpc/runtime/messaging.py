@@ -70,9 +70,10 @@ class _Client(NatsClient):
     It overrides nats-py's internals `_process_msg` and `_send_ping` (hence the pin below 3 in pyproject.toml;
     tests/test_serving.py checks both on the version installed).
 
-    Publishing stays nats-py's: what a turn publishes leaves together on the flusher task's next turn. Writing each
-    publish at once was measured too: a first token sooner on the 16-core host, but on two cores the extra writes
-    and wake-ups cost more CPU per request than they saved (docs/benchmarks.md)."""
+    Publishing stays nats-py's, with one exception: a serving Bus writes each turn's replies itself, in one write,
+    instead of leaving them to the flusher task's next turn (`write_now`). Writing each publish at once was
+    measured too: a first token sooner on the 16-core host, but on two cores the extra writes and wake-ups cost more
+    CPU per request than they saved (docs/benchmarks.md)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,13 +85,27 @@ class _Client(NatsClient):
         self._direct[sub._id] = handle
         return sub
 
+    def write_pending(self) -> None:
+        """Write what is pending now, not on the flusher task's next turn (the flusher then finds nothing)."""
+        if self._pending and self.is_connected:
+            pending, self._pending, self._pending_data_size = self._pending, [], 0
+            self._transport.writelines(pending)
+
+    async def write_now(self) -> None:
+        """write_pending(), then wait while the socket's buffer is full, as the flusher does. Errors are left to
+        the connection's own handling, which reports them and reconnects."""
+        self.write_pending()
+        if self.is_connected:
+            try:
+                await self._transport.drain()
+            except OSError:
+                pass
+
     async def _send_ping(self, future=None) -> None:
         # nats-py writes a PING to the socket at once, ahead of commands still pending for its flusher task (the SUB
         # that serve() just made): flush()'s PONG then came back before the server had the subscription, and a
         # request sent at once got "no responders". What is pending goes first.
-        if self._pending and self.is_connected:
-            pending, self._pending, self._pending_data_size = self._pending, [], 0
-            self._transport.writelines(pending)
+        self.write_pending()
         await super()._send_ping(future)
 
     async def _process_msg(self, sid, subject, reply, data, headers) -> None:
@@ -222,6 +237,9 @@ class Bus:
                             await self.nc.publish(f"{inbox}.{BATCH}", _encode_batch(replies))
                     except Exception as e:  # the requester's idle timeout reports the loss
                         log.warning("replies to %s lost: %s", inbox, str(e) or type(e).__name__)
+                # This turn's replies leave in one write now, not on the flusher task's next turn: on a worker
+                # whose turns take a millisecond, that turn was a millisecond more before every token.
+                await self.nc.write_now()
         finally:
             self._sending = None
 
