@@ -17,7 +17,6 @@ that load (TTFT, ITL, goodput) rather than the load it settles at."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
