@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     p.add_argument("--trace-file", default=os.environ.get("HPC_TRACE_FILE"),
                    help="append each request's stages here as JSONL (env HPC_TRACE_FILE)")
     p.add_argument("--processes", type=int, help="frontend processes on the port (default: frontend.processes of "
-                                                  "--config, else one per 4 cores, at most 8)")
+                                                  "--config, else one per 2 cores, at most 8)")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # set by the parent of several processes
     p.add_argument("--peer-ports", help=argparse.SUPPRESS)
     a = p.parse_args(argv)

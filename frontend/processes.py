@@ -32,10 +32,12 @@ PEER_TIMEOUT_S = 2.0
 
 
 def default_processes() -> int:
-    """What the head node's cores allow: a process per 4 cores the step may use (etcd, NATS and the kernel's
-    network work need the rest), at least 1, at most 8."""
+    """What the head node's cores allow: a process per 2 cores the step may use (etcd, NATS and the kernel's
+    network work need the rest), at least 1, at most 8. A process near a whole core of its own makes every request
+    wait for its turns: on a 16-core host 8 processes gave a sooner first token than 4 at concurrency 64, in every
+    run (docs/benchmarks.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // 4))
+    return max(1, min(8, cores // 2))
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:

@@ -170,7 +170,7 @@ class Frontend(Strict):
     api_key_file: str | None = None
     metrics_need_key: bool = False  # /health is always open; /metrics too unless this is set
     # Processes serving the port (SO_REUSEPORT), each with its own event loop, discovery watch and NATS
-    # connection; None: one per 4 cores of the head node, at most 8 (frontend/processes.py).
+    # connection; None: one per 2 cores of the head node, at most 8 (frontend/processes.py).
     processes: int | None = Field(None, ge=1, le=64)
 
 
