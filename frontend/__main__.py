@@ -81,6 +81,7 @@ def main(argv=None) -> None:
 
     keys, metrics_need_key = [k.strip() for k in os.environ.get("HPC_API_KEY", "").split(",") if k.strip()], False
     processes = a.processes
+    direct = True
     try:
         if a.config:
             from hpc.config import load_deployment
@@ -90,6 +91,7 @@ def main(argv=None) -> None:
             keys += dep.frontend.api_keys + api_keys_from_file(dep.frontend.api_key_file)
             metrics_need_key = dep.frontend.metrics_need_key
             processes = processes or dep.frontend.processes
+            direct = dep.frontend.direct_connections
         else:
             from hpc.config import Media
 
@@ -106,7 +108,7 @@ def main(argv=None) -> None:
         raw = list(argv if argv is not None else sys.argv[1:])
         sys.exit(run_parent(raw + ["--port", str(port)], processes, ready_line))
     fe = Frontend(a.deployment, a.etcd, a.nats, a.router, a.model, a.request_timeout, policy,
-                  a.trace_file, credentials)
+                  a.trace_file, credentials, direct)
     fe.set_api_keys(keys, metrics_need_key)
     sockets = None
     if a.child is not None:

@@ -122,9 +122,9 @@ class Traces:
 class Frontend:
     def __init__(self, deployment: str, etcd: str, nats: str, router: str = "round-robin",
                  models: list[str] = (), request_timeout: float = 600.0, media_policy: MediaPolicy | None = None,
-                 trace_file: str | None = None, credentials=None):
+                 trace_file: str | None = None, credentials=None, direct: bool = True):
         self.client = ServingClient(deployment, etcd, nats, first_token_timeout=request_timeout,
-                                    credentials=credentials)
+                                    credentials=credentials, direct=direct)
         self.board = LoadBoard(self.client.in_flight)
         self.client.choose = make_router(router, self.board)
         self.declared = set(models)

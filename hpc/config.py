@@ -172,6 +172,10 @@ class Frontend(Strict):
     # Processes serving the port (SO_REUSEPORT), each with its own event loop, discovery watch and NATS
     # connection; None: one per 2 cores of the head node, at most 8 (frontend/processes.py).
     processes: int | None = Field(None, ge=1, le=64)
+    # Requests and replies on a TCP connection from each frontend process straight to each worker, NATS carrying
+    # them only until it is open (hpc/runtime/direct.py); false: through NATS only (a cluster whose firewall
+    # keeps the head node from the workers' ports).
+    direct_connections: bool = True
 
 
 class Cluster(Strict):

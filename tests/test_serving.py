@@ -323,3 +323,122 @@ def test_a_settled_process_leaves_its_start_up_objects_to_no_collection():
     frozen, young, walked = map(int, subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                                                     check=True, timeout=120).stdout.split())
     assert frozen > 10_000 and young >= 10_000 and walked < 1_000
+
+
+async def _direct_stream(client: Bus, address: str | None, data: bytes, n: int) -> list[bytes]:
+    got = []
+    async for batch in client.stream("counter", data, 5, 5, address=address):
+        got += batch
+        if len(got) == n:
+            return got
+
+
+async def _until_connected(client: Bus, address: str) -> None:
+    """The first request opens the connection in the background (and goes through NATS)."""
+    for _ in range(100):
+        if client.connections.get(address) is not None:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no direct connection to {address}")
+
+
+async def test_direct_connections_carry_requests_and_replies_and_fail_fast_when_cut(nats):
+    """A served subject with `listen` also takes requests on its own TCP port: once a client's connection is ready,
+    streams go there (no NATS message for them), in order; until then, and for a client that cannot reach the
+    port, through NATS. A connection cut while streams are on it fails them at once."""
+    import nats as nats_py
+
+    server, client = await Bus.connect(nats.url, "server"), await Bus.connect(nats.url, "client")
+    spy = await nats_py.connect(nats.url)
+    seen = []
+
+    async def note(msg):
+        seen.append(msg.subject)
+
+    await spy.subscribe(">", cb=note)
+    await spy.flush()
+
+    async def count(data, reply):
+        for i in range(5):
+            await reply(data + b":%d" % i)
+            await asyncio.sleep(0)
+        if data == b"hold":
+            await asyncio.sleep(30)
+
+    await server.serve("counter", count, listen=True)
+    address = server.listener.address
+    assert await _direct_stream(client, address, b"first", 5) == [b"first:%d" % i for i in range(5)]  # NATS
+    await _until_connected(client, address)
+    await spy.flush()
+    seen.clear()
+    streams = await asyncio.gather(*(_direct_stream(client, address, b"s%d" % n, 5) for n in range(20)))
+    assert streams == [[b"s%d:%d" % (n, i) for i in range(5)] for n in range(20)]
+    await spy.flush()
+    await asyncio.sleep(0.2)
+    assert not [s for s in seen if "counter" in s or client._mux_prefix in s], seen
+
+    # a port nothing listens on: NATS carries the request, the connection is tried again later, not per request
+    assert await _direct_stream(client, "127.0.0.1:1", b"other", 5) == [b"other:%d" % i for i in range(5)]
+
+    # the connection is cut mid-stream: the request fails now, not at a timeout, and the worker stops its work
+    held = asyncio.ensure_future(_direct_stream(client, address, b"hold", 6))
+    await asyncio.sleep(0.3)
+    assert len(server._tasks) == 1
+    t0 = time.monotonic()
+    client.connections.get(address).transport.abort()
+    with pytest.raises(PeerGone, match="direct connection"):
+        await held
+    assert time.monotonic() - t0 < 1
+    for _ in range(50):
+        if not server._tasks:
+            break
+        await asyncio.sleep(0.02)
+    assert not server._tasks  # cancelled: no one is left to read its replies
+    await spy.close()
+    for bus in (server, client):
+        await bus.drain_handlers(1)
+        await bus.close()
+
+
+async def test_a_direct_connection_without_the_deployments_secret_is_refused(nats):
+    """A client whose credentials differ (so would NATS's) gets no direct connection; its requests still go where
+    NATS lets them. The worker closes a connection whose first frame is not the secret, and one that sends a
+    frame it cannot read."""
+    from hpc.runtime import direct
+
+    server, client = await Bus.connect(nats.url, "server"), await Bus.connect(nats.url, "client")
+
+    async def count(data, reply):
+        await reply(data + b":0")
+
+    await server.serve("counter", count, listen=True)
+    address = server.listener.address
+    client.connections = direct.Connections(b"not the secret", client._deliver, client._lost)
+    for _ in range(3):
+        assert await _direct_stream(client, address, b"x", 1) == [b"x:0"]
+        await asyncio.sleep(0.1)
+    assert client.connections.get(address) is None  # refused, and not tried again at once
+    host, port = direct.split(address)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"\xff\xff\xff\xff garbage")
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the worker
+    writer.close()
+    for bus in (server, client):
+        await bus.drain_handlers(1)
+        await bus.close()
+
+
+async def test_a_request_that_arrives_after_its_cancel_is_dropped(stack):
+    """Cancels travel through NATS; a request on a direct connection can arrive after its own cancel. The worker
+    remembers cancels for requests it has not seen, and drops such a request on arrival."""
+    async with ServingClient("agg", stack["etcd"], stack["nats"]) as client:
+        worker = client.directory.by_role("aggregated", MODEL)[0]
+        assert worker.direct
+        await client.bus.publish(client.subjects.cancel("late-1"), b"")
+        await client.bus.nc.flush()
+        await asyncio.sleep(0.2)
+        req = GenerateRequest("late-1", MODEL, [5, 6, 7], GREEDY)
+        with pytest.raises(RequestTimeout):
+            async for _ in client.bus.stream(worker.subject, encode(req), 1, 1):
+                pass
+        assert await tokens(client, [5, 6, 7])  # others are served

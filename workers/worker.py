@@ -32,6 +32,7 @@ from workers.media import (EmbeddingStage, EncodeCache, MediaFailure, RemoteEnco
                            raw_image_inputs)
 
 log = logging.getLogger("workers")
+CANCEL_MEMORY_S = 30.0
 
 
 @dataclass
@@ -82,6 +83,9 @@ class Worker:
         self.stopping = asyncio.Event()
         self.held: dict[str, float] = {}  # prefill: request id -> when its blocks are freed regardless
         self.tasks: dict[str, asyncio.Task] = {}
+        # Cancels for requests not (yet) here, by arrival time: a request on a direct connection can arrive after
+        # its cancel, which comes through NATS; it is then dropped on arrival. Forgotten after CANCEL_MEMORY_S.
+        self.cancelled_early: dict[str, float] = {}
         self.transfer: KvTransfer | None = None
         self.held_changed = asyncio.Event()
         self.encoders: RemoteEncoders | None = None  # E/P/D prefill: the deployment's encode workers
@@ -122,7 +126,7 @@ class Worker:
             self.encoders = RemoteEncoders(self)
             await self.encoders.start()
         subject = self.subjects.worker(o.role, o.worker_id)
-        await self.bus.serve(subject, self.handle)
+        await self.bus.serve(subject, self.handle, listen=True)
         self.cancel_sub = await self.bus.subscribe(self.subjects.cancel_all(), self.on_cancel)
         metrics_url = None
         if o.metrics_port >= 0:
@@ -135,7 +139,7 @@ class Worker:
                           nixl_agent=self.transfer.name if self.transfer else None,
                           layout=wire_layout(self.engine.layout) if self.engine.layout else None,
                           max_batch_size=o.engine_config.max_batch_size,
-                          metrics_url=metrics_url)
+                          metrics_url=metrics_url, direct=self.bus.listener.address)
         self.registration = discovery.Registration(self.etcd, {
             self.keys.worker(o.role, o.worker_id): encode_json(info),
             self.keys.model(o.served_name, o.worker_id): encode_json(info)}, o.lease_ttl)
@@ -189,6 +193,8 @@ class Worker:
                 for rid in self.transfer.released():
                     self.free_held(rid)
             now = time.monotonic()
+            while self.cancelled_early and now - next(iter(self.cancelled_early.values())) > CANCEL_MEMORY_S:
+                del self.cancelled_early[next(iter(self.cancelled_early))]  # oldest first: insertion order
             for rid, deadline in list(self.held.items()):
                 if now > deadline:
                     log.warning("request %s: KV blocks never read; freeing them after %g s", rid,
@@ -208,6 +214,8 @@ class Worker:
         task = self.tasks.get(rid)
         if task:
             task.cancel()
+        else:
+            self.cancelled_early[rid] = time.monotonic()
         self.free_held(rid)
         self.engine.cancel(rid)
 
@@ -230,6 +238,9 @@ class Worker:
             await reply(encode(self.stats()))
             return
         rid = req.request_id
+        if self.cancelled_early.pop(rid, None) is not None:
+            self.metrics.child(self.metrics.requests, "cancelled").inc()
+            return
         self.tasks[rid] = asyncio.current_task()
         status = "ok"
         try:

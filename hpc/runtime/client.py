@@ -53,8 +53,10 @@ class RoundRobin:
 
 class ServingClient:
     def __init__(self, deployment: str, etcd_url: str, nats_url: str, choose: Chooser | None = None,
-                 first_token_timeout: float = 600.0, idle_timeout: float = 60.0, credentials=None):
+                 first_token_timeout: float = 600.0, idle_timeout: float = 60.0, credentials=None,
+                 direct: bool = True):
         self.deployment = deployment
+        self.direct = direct  # requests on direct connections to workers where they offer one (hpc/runtime/direct.py)
         self.credentials = credentials
         self.etcd_url, self.nats_url = etcd_url, nats_url
         self.subjects = Subjects(deployment)
@@ -222,7 +224,8 @@ class ServingClient:
         self.in_flight[wid] = self.in_flight.get(wid, 0) + 1
         try:
             async with aclosing(self.bus.stream(worker.subject, encode(req), self.first_token_timeout,
-                                                self.idle_timeout, gone=gone)) as stream:
+                                                self.idle_timeout, gone=gone,
+                                                address=worker.direct if self.direct else None)) as stream:
                 async for batch in stream:
                     replies = [decode_reply(data) for data in batch]
                     error = next((i for i, r in enumerate(replies) if isinstance(r, ErrorReply)), None)

@@ -14,6 +14,7 @@ import nats
 from nats.aio.client import Client as NatsClient
 
 from hpc.errors import HpcError
+from hpc.runtime import direct
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def start_task(coro) -> asyncio.Task:
 
 
 _GONE = object()  # queued when the worker's lease ends
+_CUT = object()  # queued when the direct connection the request went on closes
 _NO_RESPONDERS = object()  # queued when the server says nothing subscribes to the subject
 # A Bus's replies inbox is `<inbox>.<MUX>.<stream token>`. Replies to such a subject may travel together: a worker
 # sends every reply that one turn of its event loop produced for one inbox as a single `<inbox>.<MUX>.<BATCH>`
@@ -126,6 +128,8 @@ async def _log_error(e: Exception) -> None:
 def _failure(item, subject: str) -> PeerGone | None:
     if item is _GONE:
         return PeerGone(f"the worker serving {subject} left")
+    if item is _CUT:
+        return PeerGone(f"the direct connection to the worker serving {subject} closed")
     if item is _NO_RESPONDERS:
         return PeerGone(f"nothing serves {subject}")
     return None
@@ -164,8 +168,9 @@ class _Inbox:
 
 
 class Bus:
-    def __init__(self, nc):
+    def __init__(self, nc, credentials=None, url: str = ""):
         self.nc = nc
+        self.url = url
         self._tasks: set[asyncio.Task] = set()
         self._started = 0  # handlers started so far: drain_handlers watches for late arrivals
         self._subs = []
@@ -174,6 +179,9 @@ class Bus:
         self._counter = itertools.count()
         self._outbox: dict[str, list[tuple[str | None, bytes]]] = {}  # replies waiting to go out, by inbox
         self._sending: asyncio.Task | None = None
+        self._secret = direct.secret_of(credentials)
+        self.listener: direct.Listener | None = None  # a worker's port for direct connections (hpc/runtime/direct.py)
+        self.connections = direct.Connections(self._secret, self._deliver, self._lost)
 
     @classmethod
     async def connect(cls, url: str, name: str, timeout: float = 5.0, credentials=None) -> "Bus":
@@ -186,26 +194,36 @@ class Bus:
                 timeout + 1)
         except (OSError, asyncio.TimeoutError, nats.errors.NoServersError, nats.errors.Error) as e:
             raise HpcError(f"cannot reach NATS at {url}: {str(e) or type(e).__name__}") from None
-        bus = cls(nc)
+        bus = cls(nc, credentials, url)
         await bus._open_replies_inbox()
         return bus
 
-    async def serve(self, subject: str, handler: Callable[[bytes, Reply], Awaitable[None]]) -> None:
+    async def serve(self, subject: str, handler: Callable[[bytes, Reply], Awaitable[None]],
+                    listen: bool = False) -> None:
         """Run `handler(payload, reply)` in its own task for each message, started at once where Python allows
-        (3.12+); `reply` may be called many times."""
+        (3.12+); `reply` may be called many times. With `listen`, requests also come on direct connections
+        (`self.listener.address`; hpc/runtime/direct.py)."""
+
+        def start(data: bytes, reply: Reply) -> asyncio.Task | None:
+            task = start_task(handler(data, reply))  # the handler runs now, inside the read loop, to its first wait
+            self._started += 1
+            if task.done():
+                return None
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+            return task
 
         def on_message(subject: bytes, reply_to: bytes, data: bytes, headers) -> None:
             inbox, _, token = reply_to.decode().rpartition(".")
             # A Bus's inbox takes replies together; any other (nats-py's request inbox) one message per reply
-            reply = Reply(self, inbox, token) if inbox.endswith("." + MUX) else Reply(self, reply_to.decode(), None)
-            task = start_task(handler(data, reply))  # the handler runs now, inside the read loop, to its first wait
-            self._started += 1
-            if not task.done():
-                self._tasks.add(task)
-            task.add_done_callback(self._done)
+            start(data, Reply(self, inbox, token) if inbox.endswith("." + MUX) else Reply(self, reply_to.decode(), None))
 
         self._subs.append(await self.nc.subscribe_direct(subject, on_message))
         await self.nc.flush(timeout=5)  # the server has the subscription before anyone learns of it
+        if listen:
+            self.listener = await direct.Listener.open(
+                direct.local_address_towards(self.url), self._secret,
+                lambda data, conn, token: start(data, Reply(self, conn, token)))
 
     def _queue_reply(self, inbox: str | None, token: str | None, data: bytes) -> None:
         """Queue a reply for the next turn of the event loop. Every stream that one engine step served replies in
@@ -228,7 +246,9 @@ class Bus:
                 outbox, self._outbox = self._outbox, {}
                 for inbox, replies in outbox.items():
                     try:
-                        if replies[0][0] is None:
+                        if type(inbox) is direct.ServerConnection:  # a frontend's direct connection
+                            inbox.write(replies)
+                        elif replies[0][0] is None:
                             for _, data in replies:
                                 await self.nc.publish(inbox, data)
                         elif len(replies) == 1:
@@ -253,6 +273,8 @@ class Bus:
         return len(self._tasks)
 
     async def stop_serving(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs.clear()
@@ -320,11 +342,20 @@ class Bus:
         await self.nc.subscribe_direct(f"{prefix}.*", route)
         self._mux_prefix = prefix
 
+    def _deliver(self, token: str, data: bytes) -> None:  # a reply on a direct connection
+        if (inbox := self._streams.get(token)) is not None:
+            inbox.put(data)
+
+    def _lost(self, token: str) -> None:  # a direct connection ended with this stream on it
+        if (inbox := self._streams.get(token)) is not None:
+            inbox.put(_CUT)
+
     async def stream(self, subject: str, data: bytes, first_timeout: float, idle_timeout: float,
-                     gone: asyncio.Future | None = None) -> AsyncIterator[list[bytes]]:
+                     gone: asyncio.Future | None = None, address: str | None = None) -> AsyncIterator[list[bytes]]:
         """Send `data` and yield its replies until the consumer stops: each time, every reply that has arrived,
         oldest first (a consumer that falls behind catches up in one step). The first reply must come within
-        `first_timeout`, each next one within `idle_timeout`; `gone` done means the peer left: fail at once."""
+        `first_timeout`, each next one within `idle_timeout`; `gone` done means the peer left: fail at once.
+        `address`: the peer's direct port, used once a connection to it is ready (NATS until then)."""
         prefix = self._mux_prefix
         token = f"{next(self._counter):x}"
         inbox = self._streams[token] = _Inbox()
@@ -334,8 +365,12 @@ class Bus:
 
         if gone is not None:
             gone.add_done_callback(wake)
+        conn = self.connections.get(address) if address else None
         try:
-            await self.nc.publish(subject, data, reply=f"{prefix}.{token}")
+            if conn is not None:
+                conn.send(token, data)
+            else:
+                await self.nc.publish(subject, data, reply=f"{prefix}.{token}")
             timeout = first_timeout
             while True:
                 try:
@@ -354,12 +389,15 @@ class Bus:
                 timeout = idle_timeout
         finally:
             self._streams.pop(token, None)
+            if conn is not None:
+                conn.streams.discard(token)
             if gone is not None:
                 gone.remove_done_callback(wake)
 
     async def close(self) -> None:
         if self._sending is not None:  # the last replies first
             await asyncio.wait([self._sending], timeout=5)
+        self.connections.close()
         try:
             await asyncio.wait_for(self.nc.drain(), 5)
         except Exception:

@@ -184,6 +184,7 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     max_batch_size: int = 0
     metrics_url: str | None = None
     draining: bool = False  # set while it finishes its requests before leaving: routed to no more
+    direct: str | None = None  # host:port for frontends' direct connections (hpc/runtime/direct.py)
     version: int = PROTOCOL_VERSION
 
 
