@@ -2,7 +2,7 @@
 
     python benchmarks/peer_dynamo.py [--dynamo-python PATH] [--concurrency 1,16,64] [--rates 300,600]
                                      [--requests 400] [--rounds 3] [--processes N]
-                                     [--client-processes N]
+                                     [--client-processes N] [--nats-only]
 
 Installs nothing. It needs Dynamo importable by `--dynamo-python` (default: this interpreter), e.g. in a venv of
 its own:
@@ -12,7 +12,8 @@ its own:
 
 Dynamo: etcd and NATS on loopback, `python -m dynamo.frontend` and `python -m dynamo.mocker --speedup-ratio 10000`
 (its own defaults otherwise). hpc: `hpc serve`'s local stack with one aggregated mocker worker of zero simulated
-time, and `--processes` frontend processes (default: frontend.processes' default for this machine). The same tiny
+time, and `--processes` frontend processes (default: frontend.processes' default for this machine), sending on
+direct connections to the worker unless `--nats-only`. The same tiny
 model (tokenizer), the same distinct 32-token prompts, 16 output tokens, the same load generator (`hpc bench`'s).
 
 At each level (a concurrency: closed loop; a request rate: open loop, Poisson arrivals) the two stacks take turns,
@@ -107,12 +108,12 @@ class DynamoStack:
                 service.stop()
 
 
-def hpc_stack(model: Path, work: Path, processes: int) -> LocalDeployment:
+def hpc_stack(model: Path, work: Path, processes: int, direct: bool = True) -> LocalDeployment:
     work.mkdir(parents=True, exist_ok=True)
     (work / "zero.yaml").write_text(ZERO)
     cfg = work / "peer-hpc.yaml"
     cfg.write_text(f"name: peer-hpc\nmodel: {{path: {model}, served_name: mock}}\ncluster: {{gpus_per_node: 0}}\n"
-                   f"frontend: {{processes: {processes}}}\n"
+                   f"frontend: {{processes: {processes}, direct_connections: {str(direct).lower()}}}\n"
                    f"workers:\n  aggregated: {{engine: mocker, engine_config: zero.yaml}}\n")
     local = LocalDeployment(load_deployment(cfg), work / "hpc-state")
     local.start()
@@ -128,6 +129,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=400, help="per stack, level and round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--processes", type=int, default=default_processes(), help="hpc frontend processes")
+    p.add_argument("--nats-only", action="store_true", help="hpc's requests and replies through NATS, not on "
+                   "direct connections to the worker (frontend.direct_connections: false)")
     p.add_argument("--client-processes", type=int, default=1, help="load-generating processes (hpc bench's "
                    "--client-processes): more where one is the bottleneck and cores are spare")
     p.add_argument("--name", default="peer_dynamo", help="result file name (without .json)")
@@ -143,12 +146,13 @@ def main() -> None:
     model = make_tiny_model(work / "model")
     dyn = DynamoStack(args.dynamo_python, model, work / "dynamo")
     try:
-        ours = hpc_stack(model, work / "hpc", args.processes)
+        ours = hpc_stack(model, work / "hpc", args.processes, not args.nats_only)
         try:
             hpc_pids = {**{c.name: c.popen.pid for c in ours.components}, "etcd": ours.etcd.popen.pid,
                         "nats": ours.nats.popen.pid}
+            via = ", NATS only" if args.nats_only else ""
             stacks = {"dynamo 1.6.1": (dyn.url, dyn.model, dyn.pids),
-                      f"hpc ({args.processes} frontend processes)": (ours.url, "mock", hpc_pids)}
+                      f"hpc ({args.processes} frontend processes{via})": (ours.url, "mock", hpc_pids)}
             levels = [(int(c), None) for c in args.concurrency.split(",") if c]
             levels += [(RATE_CAP, float(r)) for r in args.rates.split(",") if r]
             rows = compare(stacks, levels, args)
@@ -158,7 +162,8 @@ def main() -> None:
         dyn.stop()
     path = write_result(args.name, rows, {"osl": OSL, "isl": ISL, "rounds": args.rounds,
                                           "cpu_cores": os.cpu_count(), "hpc_frontend_processes": args.processes,
-                                          "client_processes": args.client_processes})
+                                          "client_processes": args.client_processes,
+                                          "hpc_direct_connections": not args.nats_only})
     print(table(rows, ["stack", "concurrency", "rate_req_s", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms",
                        "e2e_p50_ms", "req_s", "output_tok_s", "server_cpu_ms_per_req", "client_cpu_ms_per_req",
                        "server_cores", "busiest_process", "busiest_process_cores", "client_cores",
