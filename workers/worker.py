@@ -139,7 +139,7 @@ class Worker:
                           nixl_agent=self.transfer.name if self.transfer else None,
                           layout=wire_layout(self.engine.layout) if self.engine.layout else None,
                           max_batch_size=o.engine_config.max_batch_size,
-                          metrics_url=metrics_url, direct=self.bus.listener.address)
+                          metrics_url=metrics_url, direct=self.bus.listener.address if self.bus.listener else None)
         self.registration = discovery.Registration(self.etcd, {
             self.keys.worker(o.role, o.worker_id): encode_json(info),
             self.keys.model(o.served_name, o.worker_id): encode_json(info)}, o.lease_ttl)

@@ -221,9 +221,12 @@ class Bus:
         self._subs.append(await self.nc.subscribe_direct(subject, on_message))
         await self.nc.flush(timeout=5)  # the server has the subscription before anyone learns of it
         if listen:
-            self.listener = await direct.Listener.open(
-                direct.local_address_towards(self.url), self._secret,
-                lambda data, conn, token: start(data, Reply(self, conn, token)))
+            try:
+                self.listener = await direct.Listener.open(
+                    direct.local_address_towards(self.url), self._secret,
+                    lambda data, conn, token: start(data, Reply(self, conn, token)))
+            except OSError as e:  # served through NATS alone, as before direct connections
+                log.warning("no port for direct connections (%s): requests come through NATS only", e)
 
     def _queue_reply(self, inbox: str | None, token: str | None, data: bytes) -> None:
         """Queue a reply for the next turn of the event loop. Every stream that one engine step served replies in
