@@ -216,7 +216,8 @@ class Bus:
         def on_message(subject: bytes, reply_to: bytes, data: bytes, headers) -> None:
             inbox, _, token = reply_to.decode().rpartition(".")
             # A Bus's inbox takes replies together; any other (nats-py's request inbox) one message per reply
-            start(data, Reply(self, inbox, token) if inbox.endswith("." + MUX) else Reply(self, reply_to.decode(), None))
+            mux = inbox.endswith("." + MUX)
+            start(data, Reply(self, inbox, token) if mux else Reply(self, reply_to.decode(), None))
 
         self._subs.append(await self.nc.subscribe_direct(subject, on_message))
         await self.nc.flush(timeout=5)  # the server has the subscription before anyone learns of it
