@@ -5,7 +5,9 @@
 - its GPUs (nvidia-smi), against the GPUs per node the plan needs;
 - NIXL: importable, and a 64 MiB DRAM transfer between two agents at a speed that rules out a broken UCX;
 - the project directory and the Python environment, as this node sees them;
-- the head node's ports: rank 0 (the head node) listens, every other node connects.
+- the head node's ports: rank 0 (the head node) listens, every other node connects;
+- the other way: each other node listens where its workers' direct ports would (on its address towards the head
+  node) and the head node connects, as frontends do (hpc/runtime/direct.py).
 
 The login side (`hpc doctor` itself) also checks srun's pmix plugin, pyxis when the config names a container, and
 the preflight checks of the config."""
@@ -19,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hpc.runtime.direct import local_address_towards
 
 MIN_DRAM_GBPS = 0.5
 
@@ -61,8 +65,13 @@ def nixl_dram_gbps() -> tuple[float | None, str]:
         return None, f"{type(e).__name__}: {e}"
 
 
+def _node_file(rendezvous: Path, rank: int) -> Path:
+    return rendezvous.with_name(f"{rendezvous.stem}.{rank}.json")
+
+
 def ports(rank: int, size: int, rendezvous: Path, timeout: float = 20) -> dict:
-    """Rank 0 listens on a free port and writes it to the shared `rendezvous` file; the others connect to it."""
+    """Rank 0 listens on a free port and writes it to the shared `rendezvous` file; the others connect to it. Then
+    the other way: each other node listens and writes its address to a file of its own; rank 0 connects to each."""
     if size == 1:
         return {"ports": "one node: nothing to reach"}
     host = os.environ.get("HPC_ADVERTISE_HOST") or socket.gethostname()
@@ -81,14 +90,39 @@ def ports(rank: int, size: int, rendezvous: Path, timeout: float = 20) -> dict:
                     seen += 1
                 except OSError:
                     break
-            return {"ports": f"{seen} of {size - 1} nodes reached this head node", "reached": seen == size - 1}
+        back = 0
+        for other in range(1, size):  # each node's listener, as a frontend reaches a worker's direct port
+            path = _node_file(rendezvous, other)
+            while not path.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            try:
+                target = json.loads(path.read_text())
+                with socket.create_connection((target["host"], target["port"]), timeout=5):
+                    back += 1
+            except (OSError, ValueError, KeyError):
+                pass
+        return {"ports": f"{seen} of {size - 1} nodes reached this head node; it reached {back} of {size - 1}",
+                "reached": seen == size - 1}
     deadline = time.monotonic() + timeout
     while not rendezvous.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     try:
         target = json.loads(rendezvous.read_text())
-        with socket.create_connection((target["host"], target["port"]), timeout=5):
-            return {"ports": f"reached {target['host']}:{target['port']}", "reached": True}
+        here = local_address_towards(f"tcp://{target['host']}:{target['port']}")
+        with socket.socket(socket.AF_INET6 if ":" in here else socket.AF_INET) as listener:
+            listener.bind((here, 0))
+            listener.listen()
+            listener.settimeout(timeout + 10)  # rank 0 first waits up to `timeout` for every node to connect
+            _node_file(rendezvous, rank).write_text(json.dumps({"host": here, "port": listener.getsockname()[1]}))
+            with socket.create_connection((target["host"], target["port"]), timeout=5):
+                pass
+            reached = f"reached {target['host']}:{target['port']}"
+            try:
+                listener.accept()[0].close()
+                return {"ports": f"{reached}; the head node reached {here}", "reached": True, "reached_back": True}
+            except OSError as e:
+                return {"ports": f"{reached}; the head node did not reach {here}:{listener.getsockname()[1]} "
+                                 f"({e or 'timed out'})", "reached": True, "reached_back": False}
     except (OSError, ValueError, KeyError) as e:
         return {"ports": f"cannot reach the head node: {e}", "reached": False}
 
@@ -126,6 +160,10 @@ def problems(reports: list[dict], here_time: float, gpus_per_node: int, nodes: l
         if r.get("reached") is False:
             out.append(f"{n}: {r['ports']}: open the head node's ports to the other nodes (firewall) or set "
                        f"HPC_ADVERTISE_HOST to an address they can reach")
+        if r.get("reached_back") is False:
+            out.append(f"{n}: {r['ports']}: frontends will send its workers' requests through NATS, a hop slower; "
+                       f"open this node's ports to the head node (firewall), or set frontend.direct_connections: "
+                       f"false")
         if r["nixl_gbps"] is None:
             out.append(f"{n}: NIXL failed ({r['nixl_error']}): install the nixl package in the environment the "
                        f"steps run")

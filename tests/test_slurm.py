@@ -302,9 +302,22 @@ def test_preflight_refuses_node_local_paths_and_a_second_launch(env, work_dir, t
 def test_doctor_checks_every_node_and_names_each_problem_with_its_fix(env):
     ok = hpc(["doctor", "--nodes", "3"], env)
     assert "no problem found" in ok.stdout and all(f"n{i}" in ok.stdout for i in (1, 2, 3)), ok.stdout
-    assert "2 of 2 nodes reached this head node" in ok.stdout
+    assert "2 of 2 nodes reached this head node" in ok.stdout and "it reached 2 of 2" in ok.stdout, ok.stdout
     bad = hpc(["doctor", "configs/llama-3.3-70b-disagg-1node.yaml", "--nodes", "1"], env, check=False)
     assert bad.returncode == 1, bad.stdout
     assert "no --container-image: install the pyxis plugin" in bad.stdout
     assert "0 GPUs visible, the plan puts 8 per node" in bad.stdout
     assert squeue(env) == []  # the allocations it asked for are released
+
+
+def test_doctor_names_a_node_whose_ports_the_head_node_cannot_reach():
+    """Frontends on the head node open direct connections to workers' ports: a node the head node cannot reach
+    gets its own line, with the fix."""
+    from hpc.doctor import problems
+
+    report = {"node": "n2", "rank": 1, "time": 100.0, "gpus": 0, "cwd_visible": True, "python": "python",
+              "python_exists": True, "nixl_gbps": 10.0, "nixl_error": None, "reached": True, "reached_back": False,
+              "ports": "reached n1:4000; the head node did not reach 10.0.0.2:5000 (timed out)"}
+    found = problems([report], 100.0, 0, ["n2"])
+    assert len(found) == 1 and found[0].startswith("n2: reached n1:4000; the head node did not reach 10.0.0.2:5000")
+    assert "through NATS" in found[0] and "frontend.direct_connections: false" in found[0]
