@@ -442,3 +442,42 @@ async def test_a_request_that_arrives_after_its_cancel_is_dropped(stack):
             async for _ in client.bus.stream(worker.subject, encode(req), 1, 1):
                 pass
         assert await tokens(client, [5, 6, 7])  # others are served
+
+
+async def test_a_frontend_that_stops_reading_its_direct_connection_is_cut_off(nats, monkeypatch):
+    """Replies a frontend leaves unread pile up in the worker; past a limit the worker closes the connection (as
+    NATS drops a slow consumer), so the worker's memory stays bounded and the stuck streams fail."""
+    from hpc.runtime import direct
+
+    monkeypatch.setattr(direct, "SLOW_READER_BYTES", 1 << 20)
+    server, client = await Bus.connect(nats.url, "server"), await Bus.connect(nats.url, "client")
+
+    async def flood(data, reply):
+        for _ in range(2000):
+            await reply(b"x" * 4096)
+            await asyncio.sleep(0)
+        await asyncio.sleep(30)
+
+    await server.serve("counter", flood, listen=True)
+    address = server.listener.address
+    client.connections.get(address)
+    await _until_connected(client, address)
+    conn = client.connections.get(address)
+    conn.transport.pause_reading()  # a stuck frontend
+
+    async def read_all():
+        async for _ in client.stream("counter", b"go", 5, 5, address=address):
+            pass
+
+    reading = asyncio.ensure_future(read_all())
+    for _ in range(200):
+        await asyncio.sleep(0.02)
+        if server._started and not server._tasks:
+            break
+    assert server._started and not server._tasks  # the worker cut it off and stopped the work
+    conn.transport.resume_reading()  # it comes back to a closed connection: its stream fails
+    with pytest.raises(PeerGone, match="direct connection"):
+        await reading
+    for bus in (server, client):
+        await bus.drain_handlers(1)
+        await bus.close()

@@ -31,6 +31,7 @@ _LEN = struct.Struct("!I")
 MAX_FRAME = 256 << 20  # a longer frame is a broken peer, not a batch
 CONNECT_TIMEOUT_S = 2.0
 RETRY_AFTER_S = 30.0  # after a connection could not be made (or was refused), NATS alone for this long
+SLOW_READER_BYTES = 64 << 20  # replies a frontend has not read: past this it is stuck, as NATS's slow consumer
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(list[tuple[str, bytes]]).decode
 _ACK = _LEN.pack(1) + _encode([])
@@ -132,8 +133,13 @@ class ServerConnection(_Frames):
                 task.add_done_callback(lambda _, token=token: self._tasks.pop(token, None))
 
     def write(self, replies: list[tuple[str, bytes]]) -> None:
-        if not self.transport.is_closing():
-            self.transport.write(frame(replies))
+        if self.transport.is_closing():
+            return
+        self.transport.write(frame(replies))
+        if self.transport.get_write_buffer_size() > SLOW_READER_BYTES:  # its streams fail, its work stops
+            log.warning("direct connection with %s: %d bytes of replies unread; closing it",
+                        self.transport.get_extra_info("peername"), self.transport.get_write_buffer_size())
+            self.transport.abort()
 
     def connection_lost(self, exc) -> None:
         for task in list(self._tasks.values()):
