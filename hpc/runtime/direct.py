@@ -172,6 +172,7 @@ class ClientConnection(_Frames):
         super().__init__()
         self._secret, self._deliver, self._lost = secret, deliver, lost
         self.ready = self.closed = False
+        self.accepted = False  # the worker acknowledged the hello once (ready is cleared when it closes)
         self.streams: set[str] = set()
         self._pending: list[tuple[str, bytes]] = []
 
@@ -181,7 +182,7 @@ class ClientConnection(_Frames):
 
     def on_frame(self, payload: bytes) -> None:
         if not self.ready:
-            self.ready = True  # the worker's acknowledgement
+            self.ready = self.accepted = True  # the worker's acknowledgement
             return
         for token, data in _decode(payload):
             self._deliver(token, data)
@@ -224,7 +225,11 @@ class Connections:
             if not conn.closed:
                 return None  # the hello is on its way
             del self._conns[address]
-            self._failed[address] = time.monotonic() + (0 if conn.ready else RETRY_AFTER_S)
+            if not conn.accepted:
+                log.warning("the worker at %s closed the direct connection without accepting it (another "
+                            "deployment's credentials?): its requests go through NATS; next try in %g s", address,
+                            RETRY_AFTER_S)
+            self._failed[address] = time.monotonic() + (0 if conn.accepted else RETRY_AFTER_S)
         if address not in self._opening and time.monotonic() >= self._failed.get(address, 0):
             self._opening[address] = asyncio.get_running_loop().create_task(self._open(address))
         return None
