@@ -108,9 +108,10 @@ class DynamoStack:
                 service.stop()
 
 
-def hpc_stack(model: Path, work: Path, processes: int, direct: bool = True) -> LocalDeployment:
+def hpc_stack(model: Path, work: Path, processes: int, direct: bool = True,
+              decode_step_ms: float = 0.0) -> LocalDeployment:
     work.mkdir(parents=True, exist_ok=True)
-    (work / "zero.yaml").write_text(ZERO)
+    (work / "zero.yaml").write_text(ZERO.replace("decode_step_ms: 0", f"decode_step_ms: {decode_step_ms}"))
     cfg = work / "peer-hpc.yaml"
     cfg.write_text(f"name: peer-hpc\nmodel: {{path: {model}, served_name: mock}}\ncluster: {{gpus_per_node: 0}}\n"
                    f"frontend: {{processes: {processes}, direct_connections: {str(direct).lower()}}}\n"
@@ -133,6 +134,10 @@ def main() -> None:
                    "direct connections to the worker (frontend.direct_connections: false)")
     p.add_argument("--client-processes", type=int, default=1, help="load-generating processes (hpc bench's "
                    "--client-processes): more where one is the bottleneck and cores are spare")
+    p.add_argument("--decode-step-ms", type=float, default=0.0,
+                   help="hpc's mocker takes this long per decode step (default 0: zero time). Dynamo's requests "
+                   "take about 40 ms after their first token; about 2.7 here gives hpc's 16-token streams the same "
+                   "length, to compare first tokens with as many requests streaming on each side")
     p.add_argument("--name", default="peer_dynamo", help="result file name (without .json)")
     args = p.parse_args()
     missing = dynamo_missing(args.dynamo_python)
@@ -146,11 +151,12 @@ def main() -> None:
     model = make_tiny_model(work / "model")
     dyn = DynamoStack(args.dynamo_python, model, work / "dynamo")
     try:
-        ours = hpc_stack(model, work / "hpc", args.processes, not args.nats_only)
+        ours = hpc_stack(model, work / "hpc", args.processes, not args.nats_only, args.decode_step_ms)
         try:
             hpc_pids = {**{c.name: c.popen.pid for c in ours.components}, "etcd": ours.etcd.popen.pid,
                         "nats": ours.nats.popen.pid}
-            via = ", NATS only" if args.nats_only else ""
+            via = (", NATS only" if args.nats_only else "") + (
+                f", {args.decode_step_ms:g} ms decode steps" if args.decode_step_ms else "")
             stacks = {"dynamo 1.6.1": (dyn.url, dyn.model, dyn.pids),
                       f"hpc ({args.processes} frontend processes{via})": (ours.url, "mock", hpc_pids)}
             levels = [(int(c), None) for c in args.concurrency.split(",") if c]
@@ -163,7 +169,8 @@ def main() -> None:
     path = write_result(args.name, rows, {"osl": OSL, "isl": ISL, "rounds": args.rounds,
                                           "cpu_cores": os.cpu_count(), "hpc_frontend_processes": args.processes,
                                           "client_processes": args.client_processes,
-                                          "hpc_direct_connections": not args.nats_only})
+                                          "hpc_direct_connections": not args.nats_only,
+                                          "hpc_decode_step_ms": args.decode_step_ms})
     print(table(rows, ["stack", "concurrency", "rate_req_s", "requests", "errors", "ttft_p50_ms", "ttft_p99_ms",
                        "e2e_p50_ms", "req_s", "output_tok_s", "server_cpu_ms_per_req", "client_cpu_ms_per_req",
                        "server_cores", "busiest_process", "busiest_process_cores", "client_cores",

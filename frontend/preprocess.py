@@ -56,25 +56,32 @@ class ModelFiles:
 
 class Detokenizer:
     """Turns a growing list of token ids into text deltas. Holds text back while it ends in an incomplete UTF-8
-    sequence; decodes only a window of recent tokens, so a long answer costs O(n), not O(n^2)."""
+    sequence. The tokenizers library's DecodeStream does the per-token work in Rust, over a window of recent
+    tokens (O(n) for a long answer); the ids are kept here only to flush the text held back at the end."""
 
     def __init__(self, tokenizer):
+        from tokenizers.decoders import DecodeStream
+
         self.tokenizer = tokenizer
+        self.stream = DecodeStream(skip_special_tokens=True)
         self.ids: list[int] = []
-        self.prefix_offset = 0  # tokens before this are settled text
-        self.read_offset = 0
+        self.prefix_offset = 0  # where the ids of the last text sent begin: context for the flush
+        self.read_offset = 0  # ids before this are sent as text
 
     def add(self, token_ids: list[int]) -> str:
-        self.ids.extend(token_ids)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full[len(prefix):]
+        out = []
+        for token_id in token_ids:
+            self.ids.append(token_id)
+            text = self.stream.step(self.tokenizer, token_id)
+            if text is not None:
+                out.append(text)
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return "".join(out)
 
     def flush(self) -> str:
         """At the end of the answer: the text held back, even if it ends in an incomplete sequence."""
+        if self.read_offset == len(self.ids):
+            return ""
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
         full = self.tokenizer.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
         self.prefix_offset = self.read_offset = len(self.ids)

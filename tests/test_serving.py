@@ -215,6 +215,35 @@ async def test_requests_fail_fast_without_a_server_and_time_out_without_a_reply(
     await bus.close()
 
 
+async def test_a_stream_waits_its_first_timeout_then_its_idle_timeout_from_each_reply(nats):
+    """Replies 0.15 s apart keep a stream with a 0.4 s idle timeout alive; 0.4 s of silence after them ends it, and a
+    first reply that never comes ends it after the first timeout."""
+    server, client = await Bus.connect(nats.url, "server"), await Bus.connect(nats.url, "client")
+
+    async def paced(data, reply):
+        if data == b"go":
+            for i in range(4):
+                await asyncio.sleep(0.15)
+                await reply(b"%d" % i)
+        await asyncio.sleep(10)
+
+    await server.serve("paced", paced)
+    got, t0 = [], time.monotonic()
+    with pytest.raises(RequestTimeout):
+        async for batch in client.stream("paced", b"go", 5, 0.4):
+            got += batch
+    assert got == [b"0", b"1", b"2", b"3"]
+    assert 0.95 < time.monotonic() - t0 < 1.5  # 4 x 0.15 s of replies, then the 0.4 s idle timeout
+    t0 = time.monotonic()
+    with pytest.raises(RequestTimeout):
+        async for _ in client.stream("paced", b"silent", 0.3, 5):
+            pass
+    assert 0.25 < time.monotonic() - t0 < 0.8
+    for bus in (client, server):
+        await bus.drain_handlers(0)
+        await bus.close()
+
+
 async def test_stream_messages_take_no_extra_turn_of_the_event_loop(nats):
     """Messages to a served subject or to the replies inbox reach their handler inside nats-py's read loop, never
     through a subscription queue and its task: this checks the internals that shortcut uses, on the nats-py
