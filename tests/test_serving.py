@@ -233,12 +233,12 @@ async def test_a_stream_waits_its_first_timeout_then_its_idle_timeout_from_each_
         async for batch in client.stream("paced", b"go", 5, 0.4):
             got += batch
     assert got == [b"0", b"1", b"2", b"3"]
-    assert 0.95 < time.monotonic() - t0 < 1.5  # 4 x 0.15 s of replies, then the 0.4 s idle timeout
+    assert 0.95 < time.monotonic() - t0 < 2.5  # 4 x 0.15 s of replies, then the 0.4 s idle timeout (not 5 s)
     t0 = time.monotonic()
     with pytest.raises(RequestTimeout):
         async for _ in client.stream("paced", b"silent", 0.3, 5):
             pass
-    assert 0.25 < time.monotonic() - t0 < 0.8
+    assert 0.25 < time.monotonic() - t0 < 2
     for bus in (client, server):
         await bus.drain_handlers(0)
         await bus.close()
