@@ -200,6 +200,14 @@ class Frontend:
             del self.board.reported[worker_id]
             self.metrics.queue_depth.remove(worker_id)
 
+    def direct_links(self) -> dict:
+        """This process's direct connections to the workers that offer one, by state (hpc/runtime/direct.py)."""
+        counts = {"open": 0, "opening": 0, "failing": 0, "none": 0}
+        for w in self.client.directory.workers.values():
+            if w.direct:
+                counts[self.client.bus.connections.state(w.direct) if self.client.direct else "none"] += 1
+        return counts
+
     # ---- models ------------------------------------------------------------------------------------------------
     def live_models(self) -> list[str]:
         return sorted(self.client.models())
@@ -327,10 +335,14 @@ def control_app(fe: Frontend, on_ready: Callable[[], None] | None = None) -> Fas
 
     # With several frontend processes, any of them answers for all (local=1: its own share, for the others).
     @app.get("/stats")
-    async def stats(local: bool = False):  # the last minute, for `hpc status`
+    async def stats(local: bool = False):  # the last minute and the direct connections, for `hpc status`
+        own = {**fe.recent.raw(), "direct": fe.direct_links()}
         if local:
-            return fe.recent.raw()
-        return fe.recent.summary(await fe.peers.gather_json("/stats?local=1") if fe.peers else [])
+            return own
+        others = await fe.peers.gather_json("/stats?local=1") if fe.peers else []
+        links = [own["direct"], *(o.get("direct") or {} for o in others)]
+        direct = {state: sum(d.get(state, 0) for d in links) for state in own["direct"]}
+        return {**fe.recent.summary(others), "direct": {"enabled": fe.client.direct, **direct}}
 
     @app.get("/stats/requests")
     async def requests(window: float = 60.0, local: bool = False):  # for `hpc diagnose`: each request's stages

@@ -150,6 +150,8 @@ def render(snap: dict) -> Group:
                           f"({m.get('req_s', 0)}/s, {m.get('errors', 0)} errors), TTFT p50/p99 "
                           f"{_num(m.get('ttft_p50_ms'), '-')}/{_num(m.get('ttft_p99_ms'), '-')} ms, ITL p50/p99 "
                           f"{_num(m.get('itl_p50_ms'), '-')}/{_num(m.get('itl_p99_ms'), '-')} ms"))
+        if m.get("direct"):
+            parts.append(_direct_line(m["direct"]))
     for c in snap["components"]:
         if c.get("given_up"):
             parts.append(Text(f"{c['name']} was given up ({c['given_up']}); its last lines:\n{c['tail']}",
@@ -157,6 +159,19 @@ def render(snap: dict) -> Group:
         elif c.get("last_restart"):
             parts.append(Text(f"{c['name']}: last restart because {c['last_restart']}", style="yellow"))
     return Group(*parts)
+
+
+def _direct_line(d: dict) -> Text:
+    """The frontend processes' direct connections to workers (counted once per process and worker)."""
+    if not d.get("enabled"):
+        return Text("direct connections: off (frontend.direct_connections: false): requests go through NATS")
+    labels = {"open": "open", "opening": "opening", "none": "not used yet", "failing": "failing"}
+    line = "direct connections (one per frontend process and worker): " + ", ".join(
+        f"{d.get(state, 0)} {label}" for state, label in labels.items() if d.get(state) or state == "open")
+    if d.get("failing"):
+        return Text(line + ": those workers' requests go through NATS; the frontend's log says why (`hpc doctor` "
+                           "checks that the head node reaches the other nodes' ports)", style="yellow")
+    return Text(line)
 
 
 def _num(v, missing: str = "") -> str:

@@ -395,6 +395,8 @@ def test_several_frontend_processes_share_the_port_and_one_view(tmp_path, tiny_m
         stats = httpx.get(f"{local.url}/stats", timeout=10).json()
         assert stats["requests"] == 60 and len(stats["processes"]) == 3 and sum(stats["processes"]) == 60
         assert sum(1 for n in stats["processes"] if n) >= 2, stats  # the kernel spread the connections
+        # each process that served requests reached the worker on its own direct connection
+        assert stats["direct"]["open"] >= 2 and stats["direct"]["failing"] == 0, stats["direct"]
         assert len(httpx.get(f"{local.url}/stats/requests", timeout=10).json()["requests"]) == 60
         metrics = httpx.get(f"{local.url}/metrics", timeout=10).text
         assert 'hpc_frontend_requests_total{status="200"} 60.0' in metrics

@@ -144,11 +144,13 @@ def test_status_view_renders_components_load_and_the_last_minute(env, disagg):
     console.print(render(snapshot(LaunchState.load("tiny-disagg"), env)))
     text = console.export_text()
     for expected in ("head", "frontend", "prefill-0", "decode-0", "running", "KV used", "last minute",
-                     "TTFT p50/p99"):
+                     "TTFT p50/p99", "direct connections ("):
         assert expected in text, text
     snap = status_json(env, "tiny-disagg")
     assert snap["supervisor"] == "running"
     assert snap["frontend"]["last_minute"]["requests"] >= 3
+    direct = snap["frontend"]["last_minute"]["direct"]
+    assert direct["enabled"] and direct["open"] >= 1 and direct["failing"] == 0, direct
     load = component(snap, "decode-0")["load"]
     assert load["kv_blocks_total"] > 0 and load["waiting"] == 0
 

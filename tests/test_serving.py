@@ -398,6 +398,7 @@ async def test_direct_connections_carry_requests_and_replies_and_fail_fast_when_
     address = server.listener.address
     assert await _direct_stream(client, address, b"first", 5) == [b"first:%d" % i for i in range(5)]  # NATS
     await _until_connected(client, address)
+    assert client.connections.state(address) == "open"
     await spy.flush()
     seen.clear()
     streams = await asyncio.gather(*(_direct_stream(client, address, b"s%d" % n, 5) for n in range(20)))
@@ -408,6 +409,11 @@ async def test_direct_connections_carry_requests_and_replies_and_fail_fast_when_
 
     # a port nothing listens on: NATS carries the request, the connection is tried again later, not per request
     assert await _direct_stream(client, "127.0.0.1:1", b"other", 5) == [b"other:%d" % i for i in range(5)]
+    for _ in range(100):
+        if client.connections.state("127.0.0.1:1") != "opening":
+            break
+        await asyncio.sleep(0.02)
+    assert client.connections.state("127.0.0.1:1") == "failing"  # as `hpc status` shows it
 
     # the connection is cut mid-stream: the request fails now, not at a timeout, and the worker stops its work
     held = asyncio.ensure_future(_direct_stream(client, address, b"hold", 6))
@@ -447,6 +453,7 @@ async def test_a_direct_connection_without_the_deployments_secret_is_refused(nat
         assert await _direct_stream(client, address, b"x", 1) == [b"x:0"]
         await asyncio.sleep(0.1)
     assert client.connections.get(address) is None  # refused, and not tried again at once
+    assert client.connections.state(address) == "failing"
     host, port = direct.split(address)
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(b"\xff\xff\xff\xff garbage")

@@ -234,6 +234,16 @@ class Connections:
             self._opening[address] = asyncio.get_running_loop().create_task(self._open(address))
         return None
 
+    def state(self, address: str) -> str:
+        """For `hpc status`: "open" (ready), "failing" (the last try failed or was refused; NATS until the next),
+        "opening", or "none" (never wanted yet: a connection opens on the first request to that worker)."""
+        conn = self._conns.get(address)
+        if conn is not None and not conn.closed:
+            return "open" if conn.ready else "opening"
+        if address in self._opening:
+            return "opening"
+        return "failing" if time.monotonic() < self._failed.get(address, 0) else "none"
+
     async def _open(self, address: str) -> None:
         try:
             host, port = split(address)
