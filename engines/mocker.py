@@ -25,6 +25,15 @@ from engines.base import (BlockAllocator, EngineError, EngineRequest, EngineStat
 from engines.prefix_cache import block_hashes
 
 
+async def sleep_until(deadline: float) -> None:
+    """Until time.perf_counter() reaches `deadline`, and at least one turn of the event loop. uvloop's timers count
+    whole milliseconds, so one sleep can end up to 1 ms early: the simulated GPU time must never be shorter than
+    the model says."""
+    await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
+    while (left := deadline - time.perf_counter()) > 0:
+        await asyncio.sleep(left)
+
+
 @dataclass
 class MockerOptions:
     prefill_tokens_per_s: float = 250_000
@@ -172,7 +181,7 @@ class MockerEngine:
                 if delay >= 1e-6:  # a prefill of no time holds the "GPU" for no event-loop turn either
                     # The modelled time counts from the lock: the host's own work (hashing, the pattern) is part
                     # of it, not added to it, so the timing follows the model wherever the host keeps up.
-                    await asyncio.sleep(max(0.0, t1 + delay - time.perf_counter()))
+                    await sleep_until(t1 + delay)
                 if self._prefix:
                     self._prefix.add(hashes)
                 self._prompt_tokens += n
@@ -287,8 +296,8 @@ class MockerEngine:
                 await self._wakeup.wait()
             batch = list(self._running.values())[: self.o.max_batch_size]
             context = sum(r.context for r in batch)
-            await asyncio.sleep((self.o.decode_step_ms + self.o.decode_ms_per_sequence * len(batch)
-                                 + self.o.decode_ms_per_1k_context * context / 1000) / 1000)
+            await sleep_until(time.perf_counter() + (self.o.decode_step_ms + self.o.decode_ms_per_sequence * len(batch)
+                                                     + self.o.decode_ms_per_1k_context * context / 1000) / 1000)
             for r in batch:
                 if r.req.request_id not in self._running:
                     continue
@@ -310,7 +319,7 @@ class MockerEngine:
         """Made-up embeddings (zeros) of the positions each image takes, after the configured encode time. The
         vision tower shares the simulated GPU with prefill, as it does on a prefill worker that encodes (EP/D)."""
         async with self._prefill_lock:
-            await asyncio.sleep(self.o.encode_ms_per_image * len(images) / 1000)
+            await sleep_until(time.perf_counter() + self.o.encode_ms_per_image * len(images) / 1000)
         return [torch.zeros(n, self.o.hidden_size) for n in tokens]
 
     def stats(self) -> EngineStats:

@@ -194,6 +194,32 @@ async def test_mocker_block_reuse_skips_cached_prefix_blocks():
             assert stats.reused_prompt_tokens == 0 and warm > cold / 2
 
 
+def test_mocker_prefill_never_takes_less_than_its_model_on_uvloop():
+    """Workers run on uvloop, whose timers count whole milliseconds: a single sleep for the modelled time ended up to
+    1 ms early, and a sweep's TTFT came out below the prefill time it is made of."""
+    import random
+
+    import uvloop
+
+    from engines.mocker import MockerEngine, MockerOptions
+
+    async def shortest() -> float:
+        engine = MockerEngine(MockerOptions(kv_bytes_per_token=4096, block_reuse=False))
+        engine.start(asyncio.get_running_loop())
+        rng, times = random.Random(1), []
+        try:
+            for i in range(40):
+                req = EngineRequest(f"r{i}", [rng.randrange(10, 500) for _ in range(512)], SamplingParams(max_tokens=2))
+                times.append((await engine.prefill(req)).timing["compute"])
+                engine.release(req.request_id)
+                await asyncio.sleep(rng.random() * 0.003)  # a different phase of the event loop's clock each time
+        finally:
+            engine.shutdown()
+        return min(times)
+
+    assert uvloop.run(shortest()) >= 0.002 + 512 / 250_000  # the default overhead and prefill rate
+
+
 async def test_mocker_with_a_full_kv_pool_queues_requests_instead_of_failing_them():
     """8 blocks hold two of these requests at a time: six sent at once all finish, with the tokens each gets alone;
     one that could never fit fails at once."""
