@@ -240,6 +240,8 @@ class Connections:
         conn = self._conns.get(address)
         if conn is not None and not conn.closed:
             return "open" if conn.ready else "opening"
+        if conn is not None and not conn.accepted:
+            return "failing"  # refused; get() has not noted it yet
         if address in self._opening:
             return "opening"
         return "failing" if time.monotonic() < self._failed.get(address, 0) else "none"
