@@ -136,8 +136,8 @@ def main() -> None:
                    "--client-processes): more where one is the bottleneck and cores are spare")
     p.add_argument("--decode-step-ms", type=float, default=0.0,
                    help="hpc's mocker takes this long per decode step (default 0: zero time). Dynamo's requests "
-                   "take about 40 ms after their first token; about 2.7 here gives hpc's 16-token streams roughly the same "
-                   "length, to compare first tokens with as many requests streaming on each side")
+                   "take about 40 ms after their first token; about 2.7 here gives hpc's 16-token streams roughly "
+                   "the same length, to compare first tokens with as many requests streaming on each side")
     p.add_argument("--name", default="peer_dynamo", help="result file name (without .json)")
     args = p.parse_args()
     missing = dynamo_missing(args.dynamo_python)
