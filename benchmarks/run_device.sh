@@ -5,6 +5,9 @@ set -uo pipefail
 mkdir -p /tmp/site && if [ -f .carry/site.tgz ]; then tar xzf .carry/site.tgz -C /tmp/site; fi
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# Result names carry the card (h100 or h200): timings from different cards are never compared.
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i -m1 'h[0-9]\{3\}' | tr 'H' 'h')
+gpu=${gpu:-gpu}
 
 serve_setup() {  # the serving stack (wheels) and the etcd and NATS binaries, from .carry/serve (see README)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -22,7 +25,9 @@ for what in "$@"; do
     ucx-check) bash benchmarks/ucx_check.sh ;;
     # Four load-generating processes: on the 16-core host one was the bottleneck at concurrency 64.
     frontend) serve_setup; python3 benchmarks/frontend.py --requests 300 --processes 1,4 --client-processes 4 \
-      --name frontend-4clients ;;
+      --name "frontend-$gpu-4clients" ;;
+    # The frontend's own cost at concurrency 1 (one client, as the README's row).
+    frontend-c1) serve_setup; python3 benchmarks/frontend.py --requests 300 --name "frontend-$gpu" ;;
     serve) serve_setup; python3 benchmarks/serve_gpu.py ;;
     router) serve_setup; python3 benchmarks/router.py ;;
     encode) serve_setup; python3 benchmarks/encode.py ;;
@@ -35,16 +40,16 @@ for what in "$@"; do
         .carry/dynamo/*.whl
       tar xJf .carry/dynamo/dynamo.tar.xz -C /tmp/site
       python3 benchmarks/peer_dynamo.py --dynamo-python python3 --client-processes 4 --rates 1000,2000,3000 \
-        --name "${PEER_NAME:-peer_dynamo-h200-4clients}" ;;
+        --name "${PEER_NAME:-peer_dynamo-$gpu-4clients}" ;;
     decode-profile) python3 benchmarks/decode_profile.py ;;
     # NATS's scheduling policy alternated on one stack (it matters where cores are busy; here they are not).
     nats-policy) serve_setup; python3 benchmarks/nats_policy.py --processes 4 --name nats_policy-h100 ;;
     # The per-token cost of worker, NATS and frontend under a 10 ms decode step, up to 1024 streams.
     token-path) serve_setup
-      python3 benchmarks/token_path.py --streams 64,256,1024 --client-processes 4 --name token_path-h200-1proc
+      python3 benchmarks/token_path.py --streams 64,256,1024 --client-processes 4 --name "token_path-$gpu-1proc"
       python3 benchmarks/token_path.py --streams 64,256,1024 --processes 4 --client-processes 4 \
-        --name token_path-h200-4proc ;;
-    serve-graphs) serve_setup; python3 benchmarks/serve_gpu.py --cuda-graphs --name serve_gpu-graphs ;;
+        --name "token_path-$gpu-4proc" ;;
+    serve-graphs) serve_setup; python3 benchmarks/serve_gpu.py --cuda-graphs --name "serve_gpu-$gpu-graphs" ;;
     # Long prompts arriving during decodes, at request rates, on one GPU (disaggregated: both workers share it).
     serve-rates) serve_setup; python3 benchmarks/serve_gpu.py --cuda-graphs --isl 4000 --osl 200 --rates 1,2,4,6 \
       --requests 60 --slo-ttft-ms 1000 --slo-itl-ms 50 --name serve_gpu-rates ;;
