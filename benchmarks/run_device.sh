@@ -27,7 +27,7 @@ for what in "$@"; do
     frontend) serve_setup; python3 benchmarks/frontend.py --requests 300 --processes 1,4 --client-processes 4 \
       --name "frontend-$gpu-4clients" ;;
     # The frontend's own cost at concurrency 1 (one client, as the README's row).
-    frontend-c1) serve_setup; python3 benchmarks/frontend.py --requests 300 --name "frontend-$gpu" ;;
+    frontend-c1) serve_setup; python3 benchmarks/frontend.py --requests 300 --name "frontend-$gpu-c1" ;;
     serve) serve_setup; python3 benchmarks/serve_gpu.py ;;
     router) serve_setup; python3 benchmarks/router.py ;;
     encode) serve_setup; python3 benchmarks/encode.py ;;
