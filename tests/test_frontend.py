@@ -383,6 +383,11 @@ def test_several_frontend_processes_share_the_port_and_one_view(tmp_path, tiny_m
     cfg = config_variant("tiny-mocker", "multi-fe", tmp_path, "frontend: {processes: 3}\n")
     os.environ["HPC_MODEL_DIR"] = str(tiny_model)
     local = LocalDeployment(load_deployment(cfg), tmp_path / "state", lease_ttl=2)
+
+    def children() -> list[str]:  # this deployment's (their command line names its config), not another's
+        return subprocess.run(["pgrep", "-f", f"frontend .*{tmp_path}.*--child"], capture_output=True,
+                              text=True).stdout.split()
+
     local.start()
     try:
         def ask(i):  # a new connection each time, as many clients make them
@@ -401,10 +406,10 @@ def test_several_frontend_processes_share_the_port_and_one_view(tmp_path, tiny_m
         metrics = httpx.get(f"{local.url}/metrics", timeout=10).text
         assert 'hpc_frontend_requests_total{status="200"} 60.0' in metrics
         assert "hpc_frontend_ttft_seconds_count 60.0" in metrics
+        assert len(children()) == 3
     finally:
         assert local.stop() == []
-    left = subprocess.run(["pgrep", "-f", "frontend.*--child"], capture_output=True, text=True).stdout
-    assert left == "", f"frontend processes left behind: {left}"
+    assert children() == [], "frontend processes left behind"
 
 
 def test_metrics_of_several_processes_merge_into_one_exposition():
