@@ -25,6 +25,7 @@ from frontend.preprocess import ModelFiles, StopStrings
 from frontend.processes import merge_metrics
 from frontend.router import LoadBoard, make_router
 from hpc.runtime import gc_pauses
+from hpc.runtime.cpu_wait import CpuWait
 from hpc.runtime.client import ServingClient
 from hpc.runtime.metrics import Children
 from hpc.runtime.protocol import Sampling, decode_reply
@@ -138,6 +139,7 @@ class Frontend:
         self.api_keys: tuple[bytes, ...] = ()
         self.metrics_need_key = False
         self.peers = None  # frontend/processes.py: the other processes on this port, when there are several
+        self.cpu = CpuWait()  # the event loop's thread (made on it): how long it waited for a CPU
 
     def set_api_keys(self, keys: list[str], metrics_need_key: bool = False) -> None:
         self.api_keys = tuple(k.encode() for k in keys if k)
@@ -163,6 +165,7 @@ class Frontend:
         self.client.directory.on_change(self._prepare_new_models)
         self._prepare_new_models()
         self._trace_writer = asyncio.create_task(self.traces.flush_forever())
+        self._cpu_watch = asyncio.create_task(self._watch_cpu())
         await self.client.bus.subscribe(self.client.subjects.load_all(), self._on_load)
         gc_pauses.settle()  # started: what start-up made is never walked by the collector again
 
@@ -170,6 +173,11 @@ class Frontend:
         await self.client.close()
         if self.spans:
             await asyncio.to_thread(self.spans.close)  # flushes what is batched
+
+    async def _watch_cpu(self) -> None:
+        while True:
+            self.cpu.sample()
+            await asyncio.sleep(1.0)
 
     async def _on_load(self, msg) -> None:
         stats = decode_reply(msg.data)
@@ -336,13 +344,16 @@ def control_app(fe: Frontend, on_ready: Callable[[], None] | None = None) -> Fas
     # With several frontend processes, any of them answers for all (local=1: its own share, for the others).
     @app.get("/stats")
     async def stats(local: bool = False):  # the last minute and the direct connections, for `hpc status`
-        own = {**fe.recent.raw(), "direct": fe.direct_links()}
+        own = {**fe.recent.raw(), "direct": fe.direct_links(), "cpu": fe.cpu.share()}
         if local:
             return own
         others = await fe.peers.gather_json("/stats?local=1") if fe.peers else []
         links = [own["direct"], *(o.get("direct") or {} for o in others)]
         direct = {state: sum(d.get(state, 0) for d in links) for state in own["direct"]}
-        return {**fe.recent.summary(others), "direct": {"enabled": fe.client.direct, **direct}}
+        cpus = [c for c in (own["cpu"], *(o.get("cpu") for o in others)) if c]
+        cpu = {"cores": round(sum(c["running"] for c in cpus), 3),  # the event loops' threads, over the last 10 s
+               "waiting": max(c["waiting"] for c in cpus)} if cpus else None  # the process that waited most
+        return {**fe.recent.summary(others), "direct": {"enabled": fe.client.direct, **direct}, "cpu": cpu}
 
     @app.get("/stats/requests")
     async def requests(window: float = 60.0, local: bool = False):  # for `hpc diagnose`: each request's stages
@@ -363,7 +374,8 @@ def control_app(fe: Frontend, on_ready: Callable[[], None] | None = None) -> Fas
                                 "model": w.model, "max_batch_size": w.max_batch_size,
                                 "waiting": s.waiting if s else None, "running": s.running if s else None,
                                 "kv_blocks_total": s.kv_blocks_total if s else None,
-                                "kv_blocks_free": s.kv_blocks_free if s else None}
+                                "kv_blocks_free": s.kv_blocks_free if s else None,
+                                "cpu_waiting": s.cpu_waiting if s else None}
         return out
 
     @app.get("/metrics")

@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpc.runtime.cpu_wait import SHORT_OF_CORES
+
 SLOW_FACTOR = 1.5  # a worker this much slower per 1k tokens than its peers' median is slow
 OVERLOAD_SHARE = 1.5  # a worker receiving this multiple of its fair share
 QUEUE_SHARE = 0.5  # queue wait as a share of TTFT that means saturated
@@ -33,12 +35,14 @@ class Finding:
     evidence: dict = field(default_factory=dict)
 
 
-def fetch(url: str, window: float, timeout: float = 5.0) -> tuple[list[dict], dict]:
+def fetch(url: str, window: float, timeout: float = 5.0) -> tuple[list[dict], dict, dict | None]:
+    """The frontend's requests of the last `window` seconds, its workers, and its event loops' CPU (/stats)."""
     def get(path: str):
         with urllib.request.urlopen(f"{url.rstrip('/')}{path}", timeout=timeout) as r:
             return json.loads(r.read())
 
-    return get(f"/stats/requests?window={window:g}")["requests"], get("/stats/workers")
+    return (get(f"/stats/requests?window={window:g}")["requests"], get("/stats/workers"),
+            get("/stats").get("cpu"))
 
 
 def read_trace(path: Path, window: float | None = None) -> list[dict]:
@@ -104,8 +108,10 @@ def engine_seconds(record: dict) -> float:
     return sum((record.get("prefill") or {}).get(k, 0.0) for k in ("queue", "compute", "encode"))
 
 
-def diagnose(records: list[dict], workers: dict | None = None) -> tuple[dict, list[Finding]]:
-    """A summary (TTFT p50/p99 and its parts) and the findings, worst first; [healthy] when nothing holds TTFT."""
+def diagnose(records: list[dict], workers: dict | None = None,
+             frontend_cpu: dict | None = None) -> tuple[dict, list[Finding]]:
+    """A summary (TTFT p50/p99 and its parts) and the findings, worst first; [healthy] when nothing holds TTFT.
+    `workers` and `frontend_cpu` as `fetch` gives them (a trace file has neither)."""
     workers = workers or {}
     if not records:
         return {"requests": 0}, [Finding("no data", None, "no requests in the window: send traffic, or widen "
@@ -131,8 +137,8 @@ def diagnose(records: list[dict], workers: dict | None = None) -> tuple[dict, li
     summary["workers"] = {w: {"host": row["host"], "requests": row["n"], "queue_p50_ms": ms(p(row["queue"], 0.5)),
                               "compute_ms_per_1k_tokens": ms(p(row["compute_per_1k"], 0.5)),
                               "ttft_p50_ms": ms(p(row["ttft"], 0.5))} for w, row in sorted(rows.items())}
-    findings = _slow(rows) + _overloaded(rows, workers) + _saturated(rows, workers) + _dispatch(records) \
-        + _transfer(records) + _kv_full(records) + _decode(records, workers)
+    findings = _slow(rows) + _overloaded(rows, workers) + _saturated(rows, workers) \
+        + _dispatch(records, workers, frontend_cpu) + _transfer(records) + _kv_full(records) + _decode(records, workers)
     return summary, findings or [Finding("healthy", None, "TTFT is the prefill compute itself; nothing to fix",
                                          {"compute_p50_ms": ms(p(stage["compute"], 0.5)),
                                           "ttft_p50_ms": ms(p(ttft, 0.5))})]
@@ -185,9 +191,10 @@ def _saturated(rows: dict, workers: dict) -> list[Finding]:
     return []
 
 
-def _dispatch(records: list[dict]) -> list[Finding]:
-    """TTFT spent outside the engines: in the round trip to the worker beyond its queue and compute (NATS, the
-    worker's event loop), or in the frontend after the worker answered (its event loop)."""
+def _dispatch(records: list[dict], workers: dict, frontend_cpu: dict | None) -> list[Finding]:
+    """TTFT spent outside the engines: in the round trip to the worker beyond its queue and compute (the connection,
+    the worker's event loop), or in the frontend after the worker answered (its event loop). Where the processes'
+    event loops waited for a CPU, that is the likely cause, and the finding says which."""
     ttft = p([r["ttft"] for r in records], 0.5)
     other = p([r["ttft"] - r["preprocess"] - engine_seconds(r) for r in records], 0.5)
     if not ttft or other < DISPATCH_MIN or other < DISPATCH_SHARE * ttft:
@@ -200,13 +207,23 @@ def _dispatch(records: list[dict]) -> list[Finding]:
                 "engine_p50_ms": ms(p([engine_seconds(r) for r in records], 0.5))}
     head = (f"{1000 * other:.1f} ms of the {1000 * ttft:.1f} ms TTFT p50 is outside the engines (their queue and "
             f"compute: {evidence['engine_p50_ms']} ms): ")
+    waiting = {f"worker {w}": info["cpu_waiting"] for w, info in sorted(workers.items())
+               if info.get("cpu_waiting") is not None}
+    if frontend_cpu:
+        waiting = {"the frontend processes (the one that waited most)": frontend_cpu["waiting"], **waiting}
+    evidence["cpu_waiting"] = waiting
     if to_worker >= in_frontend:
-        why = (f"{1000 * to_worker:.1f} ms in the round trip to the workers beyond their engines (NATS, the workers' "
-               f"event loops): worker processes short of CPU (a busy host, many streams per worker) or a slow path "
-               f"to NATS")
+        why = (f"{1000 * to_worker:.1f} ms in the round trip to the workers beyond their engines (the connection, the "
+               f"workers' event loops): worker processes short of CPU (a busy host, many streams per worker) or a "
+               f"slow network path")
     else:
         why = (f"{1000 * in_frontend:.1f} ms in the frontend after the worker answered (its event loop): add "
                f"frontend processes (frontend.processes) or cores on the head node")
+    starved = {who: share for who, share in waiting.items() if share >= SHORT_OF_CORES}
+    if starved:
+        why += ("; short of cores: " + ", ".join(f"{who} waited for a CPU {100 * share:.0f}% of the time"
+                                                 for who, share in starved.items())
+                + ": give them more cores (fewer busy processes on their nodes, or more CPUs for their Slurm steps)")
     return [Finding("dispatch", None, head + why, evidence)]
 
 

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from hpc.errors import HpcError
 from hpc.launch import LaunchState
+from hpc.runtime.cpu_wait import SHORT_OF_CORES
 from hpc.slurm import commands
 
 
@@ -119,7 +120,7 @@ def _load(seen: list[tuple[float, object]]) -> dict:
     return {"waiting": last.waiting, "running": last.running, "kv_blocks_used": last.kv_blocks_total
             - last.kv_blocks_free, "kv_blocks_total": last.kv_blocks_total,
             "prefill_tok_s": rate(first.prompt_tokens, last.prompt_tokens),
-            "decode_tok_s": rate(first.generated_tokens, last.generated_tokens)}
+            "decode_tok_s": rate(first.generated_tokens, last.generated_tokens), "cpu_waiting": last.cpu_waiting}
 
 
 COLORS = {"running": "green", "restarting": "yellow", "stopping": "yellow", "given up": "red", "gone": "red"}
@@ -130,7 +131,8 @@ def render(snap: dict) -> Group:
                             f"({snap['job_state'] or 'gone'})  frontend {snap['frontend_url']}  "
                             f"run {snap['run_dir'] or '-'}")
     table = Table("component", "nodes", "step", "state", "restarts", "etcd", "queue", "run", "KV used",
-                  "prefill/s", "decode/s", title="tokens/s over the last reports", title_justify="right")
+                  "prefill/s", "decode/s", "CPU wait", title="tokens/s over the last reports; CPU wait: the share of "
+                  "the time the event loop waited for a CPU", title_justify="right")
     for c in snap["components"]:
         load = c.get("load") or {}
         reg = {None: "", True: "[green]yes[/green]", False: "[red]no[/red]"}[c.get("registered")]
@@ -138,7 +140,8 @@ def render(snap: dict) -> Group:
         color = COLORS.get(c["state"], "white")
         table.add_row(c["name"], ",".join(c["nodes"]), c["step"] or "-", f"[{color}]{c['state']}[/{color}]",
                       str(c["restarts"]) if c["restarts"] else "", reg, _num(load.get("waiting")),
-                      _num(load.get("running")), kv, _num(load.get("prefill_tok_s")), _num(load.get("decode_tok_s")))
+                      _num(load.get("running")), kv, _num(load.get("prefill_tok_s")), _num(load.get("decode_tok_s")),
+                      _share(load.get("cpu_waiting")))
     parts = [head, table]
     if snap.get("supervisor") in ("gone", "none") and snap.get("job_state"):
         parts.append(Text(f"supervisor: {snap['supervisor']}: nothing restarts steps that die (start one with "
@@ -152,6 +155,8 @@ def render(snap: dict) -> Group:
                           f"{_num(m.get('itl_p50_ms'), '-')}/{_num(m.get('itl_p99_ms'), '-')} ms"))
         if m.get("direct"):
             parts.append(_direct_line(m["direct"]))
+        if m.get("cpu"):
+            parts.append(_cpu_line(m["cpu"]))
     for c in snap["components"]:
         if c.get("given_up"):
             parts.append(Text(f"{c['name']} was given up ({c['given_up']}); its last lines:\n{c['tail']}",
@@ -172,6 +177,23 @@ def _direct_line(d: dict) -> Text:
         return Text(line + ": those workers' requests go through NATS; the frontend's log says why (`hpc doctor` "
                            "checks that the head node reaches the other nodes' ports)", style="yellow")
     return Text(line)
+
+
+def _cpu_line(cpu: dict) -> Text:
+    """The frontend processes' event loops over the last seconds: CPU used, and the most any waited for a CPU."""
+    line = (f"frontend event loops, last 10 s: {cpu['cores']:.2f} cores busy; the one that waited most waited for a "
+            f"CPU {100 * cpu['waiting']:.0f}% of the time")
+    if cpu["waiting"] >= SHORT_OF_CORES:
+        return Text(line + ": the head node is short of cores, and requests wait for a CPU, not for the engines "
+                           "(more cores, or fewer busy processes on it)", style="yellow")
+    return Text(line)
+
+
+def _share(v) -> str:
+    if v is None:
+        return ""
+    text = f"{100 * v:.0f}%"
+    return f"[yellow]{text}[/yellow]" if v >= SHORT_OF_CORES else text
 
 
 def _num(v, missing: str = "") -> str:

@@ -163,6 +163,15 @@ def test_time_outside_the_engines_is_named_with_the_side_that_holds_it():
     assert found[0].kind == "dispatch" and "frontend.processes" in found[0].message, found
     assert diagnose([record(0.003, 0.0028, 0.0001)] * 10)[1][0].kind == "healthy"
     assert diagnose([record(0.060, 0.059, 0.050)] * 10)[1][0].kind == "healthy"
+    # Event loops that waited for a CPU are named, with their share of the time; those that did not, only counted
+    workers = {"aggregated-0": {"role": "aggregated", "cpu_waiting": 0.45}, "aggregated-1": {"cpu_waiting": 0.02}}
+    _, found = diagnose([record(0.020, 0.019, 0.0001)] * 10, workers, {"cores": 1.1, "waiting": 0.31})
+    assert found[0].kind == "dispatch", found
+    assert ("short of cores: the frontend processes (the one that waited most) waited for a CPU 31% of the time, "
+            "worker aggregated-0 waited for a CPU 45% of the time") in found[0].message, found[0].message
+    assert "aggregated-1" not in found[0].message and found[0].evidence["cpu_waiting"]["worker aggregated-1"] == 0.02
+    _, found = diagnose([record(0.020, 0.019, 0.0001)] * 10, {"aggregated-0": {"cpu_waiting": 0.05}})
+    assert "short of cores" not in found[0].message
 
 
 def test_tune_prefill_finds_the_known_knee_and_writes_it(tmp_path, tiny_model, env):

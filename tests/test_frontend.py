@@ -402,6 +402,10 @@ def test_several_frontend_processes_share_the_port_and_one_view(tmp_path, tiny_m
         assert sum(1 for n in stats["processes"] if n) >= 2, stats  # the kernel spread the connections
         # each process that served requests reached the worker on its own direct connection
         assert stats["direct"]["open"] >= 2 and stats["direct"]["failing"] == 0, stats["direct"]
+        # the event loops' CPU, pooled: the cores they used, and the most any of them waited for a CPU
+        assert stats["cpu"]["cores"] > 0 and 0 <= stats["cpu"]["waiting"] <= 1, stats["cpu"]
+        workers = httpx.get(f"{local.url}/stats/workers", timeout=10).json()
+        assert all(0 <= w["cpu_waiting"] <= 1 for w in workers.values()), workers
         assert len(httpx.get(f"{local.url}/stats/requests", timeout=10).json()["requests"]) == 60
         metrics = httpx.get(f"{local.url}/metrics", timeout=10).text
         assert 'hpc_frontend_requests_total{status="200"} 60.0' in metrics

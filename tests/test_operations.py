@@ -144,7 +144,7 @@ def test_status_view_renders_components_load_and_the_last_minute(env, disagg):
     console.print(render(snapshot(LaunchState.load("tiny-disagg"), env)))
     text = console.export_text()
     for expected in ("head", "frontend", "prefill-0", "decode-0", "running", "KV used", "last minute",
-                     "TTFT p50/p99", "direct connections ("):
+                     "TTFT p50/p99", "direct connections (", "CPU wait", "frontend event loops, last 10 s"):
         assert expected in text, text
     snap = status_json(env, "tiny-disagg")
     assert snap["supervisor"] == "running"
@@ -153,6 +153,10 @@ def test_status_view_renders_components_load_and_the_last_minute(env, disagg):
     assert direct["enabled"] and direct["open"] >= 1 and direct["failing"] == 0, direct
     load = component(snap, "decode-0")["load"]
     assert load["kv_blocks_total"] > 0 and load["waiting"] == 0
+    # how long the event loops waited for a CPU: the workers' from their load reports, the frontend's from /stats
+    assert 0 <= load["cpu_waiting"] <= 1, load
+    cpu = snap["frontend"]["last_minute"]["cpu"]
+    assert cpu["cores"] > 0 and 0 <= cpu["waiting"] <= 1, cpu
 
 
 def test_run_folder_keeps_config_script_plan_and_logs(env, disagg):

@@ -20,6 +20,7 @@ import msgspec
 from engines.base import EngineError, EngineRequest, KvCacheFull, KvLayout as EngineLayout, SamplingParams
 from hpc.config import EngineConfig
 from hpc.runtime import discovery, gc_pauses
+from hpc.runtime.cpu_wait import CpuWait
 from hpc.runtime.messaging import Bus
 from hpc.runtime.metrics import WorkerMetrics
 from hpc.runtime.protocol import (PROTOCOL_VERSION, EncodeRequest, EncodeResult, ErrorReply, GenerateRequest, Keys,
@@ -93,6 +94,7 @@ class Worker:
         self.cache: EncodeCache | None = None
         self.kv_queue = asyncio.Lock()  # decode: requests waiting for room in a full KV cache, first come first
         self.kv_waiting = 0
+        self.cpu = CpuWait()  # the event loop's thread: this one
 
     def engine_device(self):
         import torch
@@ -202,6 +204,7 @@ class Worker:
                     self.free_held(rid)
             if now >= next_load:
                 next_load = now + 0.25
+                self.cpu.sample()
                 stats = self.stats()
                 self.metrics.queue_depth.set(stats.waiting)
                 self.metrics.running.set(stats.running)
@@ -429,10 +432,11 @@ class Worker:
     def stats(self) -> WorkerStats:
         s = self.engine.stats()
         t = self.transfer
+        cpu = self.cpu.share() or {}
         return WorkerStats(self.o.worker_id, self.o.role, s.waiting + self.kv_waiting, s.running, s.held,
                            s.kv_blocks_total, s.kv_blocks_free, len(self.tasks), t.transfers if t else 0,
                            t.bytes_moved if t else 0, t.seconds if t else 0.0, s.prompt_tokens,
-                           s.reused_prompt_tokens, s.generated_tokens)
+                           s.reused_prompt_tokens, s.generated_tokens, cpu.get("running"), cpu.get("waiting"))
 
 
 class _Reply(Exception):

@@ -42,14 +42,14 @@ def diagnose(deployment: Optional[str] = typer.Argument(None, help="A deployment
     if trace:
         if not trace.is_file():
             raise HpcError(f"{trace}: no such trace file")
-        records, workers = read_trace(trace, window), {}
+        records, workers, frontend_cpu = read_trace(trace, window), {}, None
     else:
         base = _frontend_url(deployment, url)
         try:
-            records, workers = fetch(base, window)
+            records, workers, frontend_cpu = fetch(base, window)
         except OSError as e:
             raise HpcError(f"cannot read the frontend's stages at {base}: {e}") from None
-    summary, findings = run(records, workers)
+    summary, findings = run(records, workers, frontend_cpu)
     healthy = findings[0].kind in ("healthy", "no data")
     if as_json:
         sys.stdout.write(json.dumps({"summary": summary, "findings": [asdict(f) for f in findings],
