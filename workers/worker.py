@@ -432,11 +432,11 @@ class Worker:
     def stats(self) -> WorkerStats:
         s = self.engine.stats()
         t = self.transfer
-        cpu = self.cpu.share() or {}
+        cpu = self.cpu.share() or {}  # CPU wait, for hpc status and hpc diagnose
         return WorkerStats(self.o.worker_id, self.o.role, s.waiting + self.kv_waiting, s.running, s.held,
                            s.kv_blocks_total, s.kv_blocks_free, len(self.tasks), t.transfers if t else 0,
                            t.bytes_moved if t else 0, t.seconds if t else 0.0, s.prompt_tokens,
-                           s.reused_prompt_tokens, s.generated_tokens, cpu.get("running"), cpu.get("waiting"))
+                           s.reused_prompt_tokens, s.generated_tokens, cpu.get("waiting"))
 
 
 class _Reply(Exception):

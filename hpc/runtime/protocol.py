@@ -160,9 +160,8 @@ class WorkerStats(msgspec.Struct, frozen=True, tag="worker_stats"):
     prompt_tokens: int = 0
     reused_prompt_tokens: int = 0  # of those, tokens whose KV the prefix cache held (block reuse)
     generated_tokens: int = 0  # output tokens since start (decode tokens/s from two reports)
-    # The event-loop thread over the last seconds (hpc/runtime/cpu_wait.py): the share of the time it ran, and the
-    # share it was runnable but waited for a CPU (a busy host, or a Slurm step with too few CPUs). None: not known.
-    cpu_running: float | None = None
+    # The share of the last seconds the event-loop thread was runnable but waited for a CPU (hpc/runtime/cpu_wait.py):
+    # a busy host, or a Slurm step with too few CPUs. None: not known.
     cpu_waiting: float | None = None
 
 
