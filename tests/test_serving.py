@@ -464,6 +464,42 @@ async def test_a_direct_connection_without_the_deployments_secret_is_refused(nat
         await bus.close()
 
 
+async def test_a_complete_request_sends_no_cancel_and_an_abandoned_one_does(stack):
+    """The frontend stops reading at the delta that carries the finish reason and closes the stream there: that
+    request is complete and must cost the workers no cancel message. One left before its end is cancelled."""
+    import nats as nats_py
+    from contextlib import aclosing
+
+    async with ServingClient("agg", stack["etcd"], stack["nats"]) as client:
+        spy = await nats_py.connect(stack["nats"])
+        cancels = []
+
+        async def note(msg):
+            cancels.append(msg.subject)
+
+        await spy.subscribe(client.subjects.cancel_all(), cb=note)
+        await spy.flush()
+        for _ in range(3):
+            async with aclosing(client.generate(MODEL, [5, 6, 7], GREEDY)) as deltas:
+                async for delta in deltas:
+                    if delta.finish_reason:
+                        break
+        await client.bus.nc.flush()
+        await spy.flush()
+        await asyncio.sleep(0.2)
+        assert cancels == []
+        async with aclosing(client.generate(MODEL, [5, 6, 7], GREEDY, request_id="left-early")) as deltas:
+            async for _ in deltas:
+                break
+        await client.bus.nc.flush()
+        for _ in range(50):
+            if cancels:
+                break
+            await asyncio.sleep(0.05)
+        assert cancels == [client.subjects.cancel("left-early")]
+        await spy.close()
+
+
 async def test_a_request_that_arrives_after_its_cancel_is_dropped(stack):
     """Cancels travel through NATS; a request on a direct connection can arrive after its own cancel. The worker
     remembers cancels for requests it has not seen, and drops such a request on arrival."""

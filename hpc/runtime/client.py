@@ -125,9 +125,11 @@ class ServingClient:
         try:
             async with aclosing(stream):
                 async for delta in stream:
+                    # Set before the yield: a consumer that stops at the last delta closes us at the yield, and the
+                    # request is complete then, with nothing on the workers to cancel.
+                    finished = bool(delta.finish_reason)
                     yield delta
-                    if delta.finish_reason:
-                        finished = True
+                    if finished:
                         return
         finally:
             if not finished:  # the consumer left early, or an error: stop the work on the workers
