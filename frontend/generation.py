@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from frontend import media
 from frontend.api import ApiError, ChatRequest, Common, CompletionRequest, Unsupported
+from frontend.http_protocol import ON_DISCONNECT
 from frontend.preprocess import ModelFiles, PreprocessError
 from hpc.runtime.protocol import MultimodalPart
 from hpc.runtime.client import NoWorkers, ServingError
@@ -199,20 +200,28 @@ class Chunks:
 class DisconnectWatch:
     """Cancels the request's task if the client disconnects before the response is complete: during the prefill
     as well as while tokens stream, so the workers stop at once. Its `send` passes the response on and stops
-    watching at the last message (uvicorn's `receive` reports a completed response as a disconnect too)."""
+    watching at the last message. Under the frontend's own HTTP protocol the protocol calls it when the connection
+    drops; under another server a task waits on `receive()` (uvicorn's reports a completed response as a
+    disconnect too, hence the stop at the last message)."""
 
-    def __init__(self, receive, send):
+    def __init__(self, scope, receive, send):
         self._send, self.gone, self._active = send, False, True
-        task = asyncio.current_task()
+        self._task, self._watcher = asyncio.current_task(), None
+        if ON_DISCONNECT in scope:
+            scope[ON_DISCONNECT] = self._disconnected
+            return
 
         async def watch():
             while (await receive())["type"] != "http.disconnect":
                 pass
-            if self._active:
-                self.gone = True
-                task.cancel()
+            self._disconnected()
 
         self._watcher = asyncio.create_task(watch())  # it first runs while we wait for the workers
+
+    def _disconnected(self) -> None:
+        if self._active:
+            self.gone = True
+            self._task.cancel()
 
     async def send(self, message: dict) -> None:
         if message["type"] == "http.response.body" and not message.get("more_body"):
@@ -221,7 +230,8 @@ class DisconnectWatch:
 
     def stop(self) -> None:
         self._active = False
-        self._watcher.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 class GenerationApp:
@@ -248,7 +258,7 @@ class GenerationApp:
             return self.fe.count("499")
         except ApiError as e:
             return await self.fail(send, e)
-        watch = DisconnectWatch(receive, send)
+        watch = DisconnectWatch(scope, receive, send)
         try:
             await self.generate(model, body, watch.send)
         except asyncio.CancelledError:

@@ -228,6 +228,49 @@ async def test_client_disconnect_cancels_and_frees_kv(stacks):
     assert time.monotonic() - t0 < 5 and {s.role for s in stats} == {"prefill", "decode"}
 
 
+@pytest.mark.parametrize("protocol", ["frontend", "uvicorn"])
+async def test_a_disconnect_before_the_first_token_cancels_the_request(protocol):
+    """A client that leaves while the request waits for its first token cancels the request's task: under the
+    frontend's HTTP protocol through its disconnect callback (no watching task per request), under plain uvicorn
+    through a task that waits on receive()."""
+    import uvicorn
+
+    from frontend.generation import DisconnectWatch
+    from frontend.http_protocol import HttpProtocol
+
+    cancelled, watches = asyncio.Event(), []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        watch = DisconnectWatch(scope, receive, send)
+        watches.append(watch)
+        try:
+            await asyncio.sleep(30)  # a prefill that takes long
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                                           http=HttpProtocol if protocol == "frontend" else "httptools"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+        await writer.drain()
+        while not watches:
+            await asyncio.sleep(0.01)
+        writer.close()
+        await asyncio.wait_for(cancelled.wait(), 2)
+        assert watches[0].gone and (watches[0]._watcher is None) == (protocol == "frontend")
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+
+
 async def worker_idle_within(etcd: str, nats: str, deployment: str, seconds: float) -> bool:
     async with ServingClient(deployment, etcd, nats) as sc:
         t0 = time.monotonic()
