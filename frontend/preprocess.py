@@ -57,7 +57,11 @@ class ModelFiles:
 class Detokenizer:
     """Turns a growing list of token ids into text deltas. Holds text back while it ends in an incomplete UTF-8
     sequence. The tokenizers library's DecodeStream does the per-token work in Rust, over a window of recent
-    tokens (O(n) for a long answer); the ids are kept here only to flush the text held back at the end."""
+    tokens (O(n) for a long answer); the ids are kept here only to flush the text held back at the end. Tokens
+    that arrive together go to it in one call where the library takes a list (tokenizers 0.23 does): one call per
+    delta, not per token."""
+
+    takes_lists = True  # until a DecodeStream refuses a list
 
     def __init__(self, tokenizer):
         from tokenizers.decoders import DecodeStream
@@ -69,6 +73,17 @@ class Detokenizer:
         self.read_offset = 0  # ids before this are sent as text
 
     def add(self, token_ids: list[int]) -> str:
+        if len(token_ids) > 1 and Detokenizer.takes_lists:
+            try:
+                text = self.stream.step(self.tokenizer, token_ids)
+            except TypeError:  # an older tokenizers: one id a call (nothing was taken)
+                Detokenizer.takes_lists = False
+            else:
+                self.ids += token_ids
+                if text is None:
+                    return ""
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+                return text
         out = []
         for token_id in token_ids:
             self.ids.append(token_id)

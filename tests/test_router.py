@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from frontend.preprocess import Detokenizer, StopStrings
 from frontend.router import KvAware, LeastLoaded, LoadBoard, prefix_hashes
 from hpc.runtime.client import RoundRobin
@@ -80,11 +82,15 @@ def test_detokenizer_streams_the_same_text(tiny_model):
     assert "".join(d.add([i]) for i in ids) == tok.decode(ids)
 
 
-def test_detokenizer_text_does_not_depend_on_grouping_and_ends_whole(tiny_model):
-    """Tokens arrive one by one or merged; an answer may end inside a multi-byte character."""
+@pytest.mark.parametrize("takes_lists", [True, False])
+def test_detokenizer_text_does_not_depend_on_grouping_and_ends_whole(tiny_model, monkeypatch, takes_lists):
+    """Tokens arrive one by one or merged; an answer may end inside a multi-byte character. The same text whether
+    the tokens that came together go to the library in one call or one by one (an older tokenizers)."""
     import random
 
     from tokenizers import Tokenizer
+
+    monkeypatch.setattr(Detokenizer, "takes_lists", takes_lists)
 
     tok = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
     rng = random.Random(3)
