@@ -14,7 +14,7 @@ from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from frontend.api import ApiError, Common
@@ -27,7 +27,7 @@ from frontend.router import LoadBoard, make_router
 from hpc.runtime import gc_pauses
 from hpc.runtime.cpu_wait import CpuWait
 from hpc.runtime.client import ServingClient
-from hpc.runtime.metrics import Children
+from hpc.runtime.metrics import Children, LoopHistogram
 from hpc.runtime.protocol import Sampling, decode_reply
 
 log = logging.getLogger("frontend")
@@ -37,16 +37,18 @@ BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30
 class FrontendMetrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
-        self.ttft = Histogram("hpc_frontend_ttft_seconds", "Time to first token", registry=r, buckets=BUCKETS)
-        self.itl = Histogram("hpc_frontend_itl_seconds", "Time between streamed deltas (tokens that arrived "
-                             "together are one delta)", registry=r, buckets=BUCKETS)
+        # The histograms observed per request or per delta are lock-free (LoopHistogram): this event loop's own.
+        self.ttft = LoopHistogram("hpc_frontend_ttft_seconds", "Time to first token", registry=r, buckets=BUCKETS)
+        self.itl = LoopHistogram("hpc_frontend_itl_seconds", "Time between streamed deltas (tokens that arrived "
+                                 "together are one delta)", registry=r, buckets=BUCKETS)
         self.requests = Counter("hpc_frontend_requests", "Requests by HTTP status", ["status"], registry=r)
         self.in_flight = Gauge("hpc_frontend_in_flight", "Requests being served", registry=r)
         self.queue_depth = Gauge("hpc_worker_queue_depth", "Queue depth each worker reports", ["worker"],
                                  registry=r)
-        self.stages = Histogram("hpc_frontend_stage_seconds", "Where TTFT goes, per request: preprocess (here), "
-                                "prefill_rtt (here), and the worker's own queue, compute, encode; kv_transfer and "
-                                "decode_first on the decode worker", ["stage", "worker"], registry=r, buckets=BUCKETS)
+        self.stages = LoopHistogram("hpc_frontend_stage_seconds", "Where TTFT goes, per request: preprocess "
+                                    "(here), prefill_rtt (here), and the worker's own queue, compute, encode; "
+                                    "kv_transfer and decode_first on the decode worker", ("stage", "worker"),
+                                    registry=r, buckets=BUCKETS)
         self.child = Children()  # a request counts its status and observes its stages each time
 
 

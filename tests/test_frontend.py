@@ -482,3 +482,37 @@ def test_metrics_of_several_processes_merge_into_one_exposition():
     assert merged["hpc_frontend_ttft_seconds_count[]"] == 8
     assert merged["hpc_frontend_ttft_seconds_bucket[('le', '0.1')]"] == 8
     assert merged["hpc_worker_queue_depth[('worker', 'w0')]"] == 7
+
+
+def test_the_lock_free_histogram_exposes_what_prometheus_clients_does():
+    """LoopHistogram (the frontend's per-request histograms) gives the same `_bucket`, `_count` and `_sum` samples
+    as prometheus_client's Histogram for the same observations, labelled or not, values on a bound included."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from hpc.runtime.metrics import LoopHistogram
+
+    def samples(registry):
+        return {(s.name, tuple(sorted(s.labels.items()))): round(s.value, 9)
+                for fam in text_string_to_metric_families(generate_latest(registry).decode()) for s in fam.samples
+                if not s.name.endswith("_created")}
+
+    rng = random.Random(5)
+    values = [rng.choice((0.001, 0.01, 2.0, 100.0)) if i % 5 == 0 else rng.expovariate(50) for i in range(500)]
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    buckets = (0.001, 0.002, 0.005, 0.01, 0.1, 1, 10)
+    loop = LoopHistogram("hpc_t_seconds", "T", registry=ours, buckets=buckets)
+    staged = LoopHistogram("hpc_s_seconds", "S", ("stage", "worker"), registry=ours, buckets=buckets)
+    reference = Histogram("hpc_t_seconds", "T", registry=theirs, buckets=buckets)
+    reference_staged = Histogram("hpc_s_seconds", "S", ["stage", "worker"], registry=theirs, buckets=buckets)
+    for i, v in enumerate(values):
+        loop.observe(v)
+        reference.observe(v)
+        staged.labels("ttft", f"w{i % 3}").observe(v)
+        reference_staged.labels("ttft", f"w{i % 3}").observe(v)
+    assert samples(ours) == samples(theirs)
+    assert samples(ours)[("hpc_t_seconds_count", ())] == 500
+    with pytest.raises(ValueError):
+        staged.labels("ttft")
