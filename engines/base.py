@@ -264,27 +264,32 @@ class Outputs:
     the exception that ended the request."""
 
     def __init__(self):
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._queue: asyncio.Queue | None = None  # made when an output must wait: most go to a callback
         self._callback: Callable[[Any], None] | None = None
+
+    def _waiting(self) -> asyncio.Queue:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        return self._queue
 
     def put_nowait(self, item) -> None:  # on the event loop's thread
         if self._callback is not None:
             self._callback(item)
         else:
-            self._queue.put_nowait(item)
+            self._waiting().put_nowait(item)
 
     async def get(self):
-        return await self._queue.get()
+        return await self._waiting().get()
 
     def empty(self) -> bool:
-        return self._queue.empty()
+        return self._queue is None or self._queue.empty()
 
     def get_nowait(self):
-        return self._queue.get_nowait()
+        return self._waiting().get_nowait()
 
     def attach(self, callback: Callable[[Any], None]) -> None:
         """Hand `callback` what is queued, then each further output as it is put."""
-        while not self._queue.empty():
+        while not self.empty():
             callback(self._queue.get_nowait())
         self._callback = callback
 
