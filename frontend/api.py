@@ -69,11 +69,11 @@ class Common(BaseModel):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise Unsupported(name, "penalties are not implemented")
-        for name in ("tools", "functions", "best_of", "suffix", "logit_bias", "top_logprobs"):
-            if (self.model_extra or {}).get(name):
-                raise Unsupported(name, "not supported by this server")
-        if (self.model_extra or {}).get("echo"):
-            raise Unsupported("echo", "not supported by this server")
+        extra = self.model_extra  # fields the schema does not name: most requests have none
+        if extra:
+            for name in ("tools", "functions", "best_of", "suffix", "logit_bias", "top_logprobs", "echo"):
+                if extra.get(name):
+                    raise Unsupported(name, "not supported by this server")
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

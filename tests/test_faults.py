@@ -150,7 +150,7 @@ async def decode_from(state: dict, result) -> str | None:
         req = GenerateRequest("orphan-1", "tiny-llama", list(range(40, 120)), Sampling(max_tokens=8, ignore_eos=True),
                               first_token=result.first_token, kv=result.kv, prefill_worker="prefill-0")
         try:
-            async for _ in sc._stream(sc.directory.by_role("decode")[0], req):
+            async for _ in sc._replies(sc.directory.by_role("decode")[0], req):
                 pass
         except (ServingError, PeerGone, RequestTimeout) as e:
             return str(e)

@@ -51,6 +51,17 @@ class RoundRobin:
         return workers[n % len(workers)]
 
 
+def _delta(worker: WorkerInfo, req: GenerateRequest, batch: list) -> TokenDelta:
+    """The token deltas that arrived together, as one: one text delta, one HTTP write for the frontend."""
+    for reply in batch:
+        if not isinstance(reply, TokenDelta):
+            raise ServingError("internal", f"worker {worker.worker_id} sent {type(reply).__name__}")
+    if len(batch) == 1:
+        return batch[0]
+    return TokenDelta(req.request_id, [t for d in batch for t in d.token_ids], batch[-1].finish_reason,
+                      sum(d.cached_tokens for d in batch), batch[0].timing)
+
+
 class ServingClient:
     def __init__(self, deployment: str, etcd_url: str, nats_url: str, choose: Chooser | None = None,
                  first_token_timeout: float = 600.0, idle_timeout: float = 60.0, credentials=None,
@@ -141,23 +152,29 @@ class ServingClient:
             raise NoWorkers(f"no worker serves model {req.model!r}")
         t0 = time.perf_counter()
         try:
-            async with aclosing(self._stream(worker, req)) as deltas:
-                async for delta in deltas:
+            async with aclosing(self._replies(worker, req)) as replies:
+                async for batch in replies:
+                    delta = _delta(worker, req, batch)
                     if not sent:
                         trace.update(prefill_worker=worker.worker_id, prefill_host=worker.host,
                                      prefill_gpus=list(worker.gpus), prefill_rtt=time.perf_counter() - t0,
                                      prefill=dict(delta.timing))
                     sent = True
                     yield delta
+                    if delta.finish_reason:
+                        return
         except PeerGone:
             retry = None if sent else self._pick("aggregated", req, avoid=worker.worker_id)
             if retry is None:
                 raise
             log.warning("request %s: %s left before the first token; sent to %s", req.request_id, worker.worker_id,
                         retry.worker_id)
-            async with aclosing(self._stream(retry, req)) as deltas:  # nothing was sent: once more, elsewhere
-                async for delta in deltas:
+            async with aclosing(self._replies(retry, req)) as replies:  # nothing was sent: once more, elsewhere
+                async for batch in replies:
+                    delta = _delta(retry, req, batch)
                     yield delta
+                    if delta.finish_reason:
+                        return
 
     async def _prefill(self, req: GenerateRequest, trace: dict) -> tuple[WorkerInfo, PrefillResult]:
         """The first token and the KV handle; a prefill worker that dies first is replaced by another, once."""
@@ -197,24 +214,13 @@ class ServingClient:
         follow = GenerateRequest(req.request_id, req.model, req.token_ids, req.sampling, first_token=result.first_token,
                                  kv=result.kv, prefill_worker=prefill.worker_id, disagg_params=result.disagg_params)
         t0, first = time.perf_counter(), True
-        async with aclosing(self._stream(decode, follow)) as deltas:
-            async for delta in deltas:
+        async with aclosing(self._replies(decode, follow)) as replies:
+            async for batch in replies:
+                delta = _delta(decode, follow, batch)
                 if first:
                     trace.update(decode_worker=decode.worker_id, decode_host=decode.host,
                                  decode_rtt=time.perf_counter() - t0, decode=dict(delta.timing))
                     first = False
-                yield delta
-
-    async def _stream(self, worker: WorkerInfo, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
-        async with aclosing(self._replies(worker, req)) as replies:
-            async for batch in replies:
-                for reply in batch:
-                    if not isinstance(reply, TokenDelta):
-                        raise ServingError("internal", f"worker {worker.worker_id} sent {type(reply).__name__}")
-                # Deltas that arrived together go on as one: one text delta, one HTTP write for the frontend.
-                delta = batch[0] if len(batch) == 1 else TokenDelta(
-                    req.request_id, [t for d in batch for t in d.token_ids], batch[-1].finish_reason,
-                    sum(d.cached_tokens for d in batch), batch[0].timing)
                 yield delta
                 if delta.finish_reason:
                     return
