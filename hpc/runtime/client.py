@@ -120,61 +120,60 @@ class ServingClient:
         workers = [w for w in self.directory.by_role(role, req.model) if w.worker_id != avoid]
         return self.choose(role, workers, req) if workers else None
 
-    async def generate(self, model: str, token_ids: list[int], sampling: Sampling = Sampling(),
-                       request_id: str | None = None, multimodal: list = (),
-                       trace: dict | None = None) -> AsyncIterator[TokenDelta]:
-        """The request's token deltas. `trace`, when given, is filled with where the request went and where its
-        time went: the workers (id, host), the round trips seen from here, and each worker's own timing."""
+    def generate(self, model: str, token_ids: list[int], sampling: Sampling = Sampling(),
+                 request_id: str | None = None, multimodal: list = (),
+                 trace: dict | None = None) -> AsyncIterator[TokenDelta]:
+        """The request's token deltas, an async generator: closed before the delta that ends the request, it cancels
+        the work on the workers. `trace`, when given, is filled with where the request went and where its time
+        went: the workers (id, host), the round trips seen from here, and each worker's own timing."""
         req = GenerateRequest(request_id or unique_id(), model, list(token_ids), sampling,
                               multimodal=list(multimodal))
         trace = trace if trace is not None else {}
         if self.directory.by_role("aggregated", req.model):
-            stream = self._aggregated(req, trace)
-        else:
-            stream = self._disaggregated(req, trace)
-        finished = False
-        try:
-            async with aclosing(stream):
-                async for delta in stream:
-                    # Set before the yield: a consumer that stops at the last delta closes us at the yield, and the
-                    # request is complete then, with nothing on the workers to cancel.
-                    finished = bool(delta.finish_reason)
-                    yield delta
-                    if finished:
-                        return
-        finally:
-            if not finished:  # the consumer left early, or an error: stop the work on the workers
-                await self.bus.publish(self.subjects.cancel(req.request_id), b"")
+            return self._aggregated(req, trace)
+        return self._disaggregated(req, trace)
+
+    async def _cancel(self, req: GenerateRequest) -> None:
+        """The consumer left early, or an error: stop the work on the workers."""
+        await self.bus.publish(self.subjects.cancel(req.request_id), b"")
 
     async def _aggregated(self, req: GenerateRequest, trace: dict) -> AsyncIterator[TokenDelta]:
-        worker, sent = self._pick("aggregated", req), False
-        if worker is None:
-            raise NoWorkers(f"no worker serves model {req.model!r}")
-        t0 = time.perf_counter()
+        # `finished` is set before each yield: a consumer that stops at the last delta closes us at that yield, and
+        # the request is complete then, with nothing on the workers to cancel.
+        finished = sent = False
         try:
-            async with aclosing(self._replies(worker, req)) as replies:
-                async for batch in replies:
-                    delta = _delta(worker, req, batch)
-                    if not sent:
-                        trace.update(prefill_worker=worker.worker_id, prefill_host=worker.host,
-                                     prefill_gpus=list(worker.gpus), prefill_rtt=time.perf_counter() - t0,
-                                     prefill=dict(delta.timing))
-                    sent = True
-                    yield delta
-                    if delta.finish_reason:
-                        return
-        except PeerGone:
-            retry = None if sent else self._pick("aggregated", req, avoid=worker.worker_id)
-            if retry is None:
-                raise
-            log.warning("request %s: %s left before the first token; sent to %s", req.request_id, worker.worker_id,
-                        retry.worker_id)
-            async with aclosing(self._replies(retry, req)) as replies:  # nothing was sent: once more, elsewhere
-                async for batch in replies:
-                    delta = _delta(retry, req, batch)
-                    yield delta
-                    if delta.finish_reason:
-                        return
+            worker = self._pick("aggregated", req)
+            if worker is None:
+                raise NoWorkers(f"no worker serves model {req.model!r}")
+            t0 = time.perf_counter()
+            try:
+                async with aclosing(self._replies(worker, req)) as replies:
+                    async for batch in replies:
+                        delta = _delta(worker, req, batch)
+                        if not sent:
+                            trace.update(prefill_worker=worker.worker_id, prefill_host=worker.host,
+                                         prefill_gpus=list(worker.gpus), prefill_rtt=time.perf_counter() - t0,
+                                         prefill=dict(delta.timing))
+                        sent, finished = True, bool(delta.finish_reason)
+                        yield delta
+                        if finished:
+                            return
+            except PeerGone:
+                retry = None if sent else self._pick("aggregated", req, avoid=worker.worker_id)
+                if retry is None:
+                    raise
+                log.warning("request %s: %s left before the first token; sent to %s", req.request_id,
+                            worker.worker_id, retry.worker_id)
+                async with aclosing(self._replies(retry, req)) as replies:  # nothing was sent: once more, elsewhere
+                    async for batch in replies:
+                        delta = _delta(retry, req, batch)
+                        finished = bool(delta.finish_reason)
+                        yield delta
+                        if finished:
+                            return
+        finally:
+            if not finished:
+                await self._cancel(req)
 
     async def _prefill(self, req: GenerateRequest, trace: dict) -> tuple[WorkerInfo, PrefillResult]:
         """The first token and the KV handle; a prefill worker that dies first is replaced by another, once."""
@@ -202,28 +201,36 @@ class ServingClient:
         raise AssertionError("unreachable")
 
     async def _disaggregated(self, req: GenerateRequest, trace: dict) -> AsyncIterator[TokenDelta]:
-        prefill, result = await self._prefill(req, trace)
-        if not isinstance(result, PrefillResult):
-            raise ServingError("internal", f"prefill worker {prefill.worker_id} sent {type(result).__name__}")
-        yield TokenDelta(req.request_id, [result.first_token], result.finish_reason, result.cached_tokens)
-        if result.finish_reason:
-            return
-        decode = self._pick("decode", req)
-        if decode is None:
-            raise NoWorkers(f"no decode worker serves model {req.model!r}")
-        follow = GenerateRequest(req.request_id, req.model, req.token_ids, req.sampling, first_token=result.first_token,
-                                 kv=result.kv, prefill_worker=prefill.worker_id, disagg_params=result.disagg_params)
-        t0, first = time.perf_counter(), True
-        async with aclosing(self._replies(decode, follow)) as replies:
-            async for batch in replies:
-                delta = _delta(decode, follow, batch)
-                if first:
-                    trace.update(decode_worker=decode.worker_id, decode_host=decode.host,
-                                 decode_rtt=time.perf_counter() - t0, decode=dict(delta.timing))
-                    first = False
-                yield delta
-                if delta.finish_reason:
-                    return
+        finished = False  # set before each yield, as in _aggregated
+        try:
+            prefill, result = await self._prefill(req, trace)
+            if not isinstance(result, PrefillResult):
+                raise ServingError("internal", f"prefill worker {prefill.worker_id} sent {type(result).__name__}")
+            finished = bool(result.finish_reason)
+            yield TokenDelta(req.request_id, [result.first_token], result.finish_reason, result.cached_tokens)
+            if finished:
+                return
+            decode = self._pick("decode", req)
+            if decode is None:
+                raise NoWorkers(f"no decode worker serves model {req.model!r}")
+            follow = GenerateRequest(req.request_id, req.model, req.token_ids, req.sampling,
+                                     first_token=result.first_token, kv=result.kv, prefill_worker=prefill.worker_id,
+                                     disagg_params=result.disagg_params)
+            t0, first = time.perf_counter(), True
+            async with aclosing(self._replies(decode, follow)) as replies:
+                async for batch in replies:
+                    delta = _delta(decode, follow, batch)
+                    if first:
+                        trace.update(decode_worker=decode.worker_id, decode_host=decode.host,
+                                     decode_rtt=time.perf_counter() - t0, decode=dict(delta.timing))
+                        first = False
+                    finished = bool(delta.finish_reason)
+                    yield delta
+                    if finished:
+                        return
+        finally:
+            if not finished:
+                await self._cancel(req)
 
     async def _replies(self, worker: WorkerInfo, req: GenerateRequest):
         """The worker's decoded replies, in batches of those that arrived together; an ErrorReply raises."""
