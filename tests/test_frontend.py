@@ -271,6 +271,45 @@ async def test_a_disconnect_before_the_first_token_cancels_the_request(protocol)
         await asyncio.wait_for(serving, 10)
 
 
+async def test_keep_alive_closes_an_idle_connection_only():
+    """The frontend's HTTP protocol keeps one keep-alive timer per connection: a connection that goes on sending
+    requests within timeout_keep_alive stays open however long it lives; one idle for longer is closed."""
+    import uvicorn
+
+    from frontend.http_protocol import HttpProtocol
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                                           http=HttpProtocol, timeout_keep_alive=1))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def request() -> bytes:
+            writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+            return head + await asyncio.wait_for(reader.readexactly(2), 2)
+
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.5:  # past two timeouts, never idle for one
+            assert (await request()).endswith(b"ok")
+            answered = time.monotonic()
+            await asyncio.sleep(0.3)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # idle: closed
+        assert 0.9 < time.monotonic() - answered < 3
+        writer.close()
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+
+
 async def worker_idle_within(etcd: str, nats: str, deployment: str, seconds: float) -> bool:
     async with ServingClient(deployment, etcd, nats) as sc:
         t0 = time.monotonic()
