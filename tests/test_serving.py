@@ -217,7 +217,7 @@ async def test_requests_fail_fast_without_a_server_and_time_out_without_a_reply(
 
 async def test_a_stream_waits_its_first_timeout_then_its_idle_timeout_from_each_reply(nats):
     """Replies 0.15 s apart keep a stream with a 0.4 s idle timeout alive; 0.4 s of silence after them ends it, and a
-    first reply that never comes ends it after the first timeout."""
+    first reply that never comes ends it after the first timeout. The Bus's one timeout timer stops when idle."""
     server, client = await Bus.connect(nats.url, "server"), await Bus.connect(nats.url, "client")
 
     async def paced(data, reply):
@@ -239,6 +239,8 @@ async def test_a_stream_waits_its_first_timeout_then_its_idle_timeout_from_each_
         async for _ in client.stream("paced", b"silent", 0.3, 5):
             pass
     assert 0.25 < time.monotonic() - t0 < 2
+    await asyncio.sleep(0.3)
+    assert client._sweeper is None  # the one timer for every stream's timeout stops when no stream is open
     for bus in (client, server):
         await bus.drain_handlers(0)
         await bus.close()
