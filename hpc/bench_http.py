@@ -50,12 +50,17 @@ class _Exchange(asyncio.Protocol):
         self._done, self._on_event, self._status = loop.create_future(), on_event, 0
         self._body.clear()
         self._now = time.perf_counter()
-        self._timer = loop.call_later(self.idle_timeout, self._check_idle)
+        if self._timer is None:  # one timer per connection, kept across its requests: none made per request
+            self._timer = loop.call_later(self.idle_timeout, self._check_idle)
         self.transport.write(request)
         return self._done
 
     def _check_idle(self) -> None:
-        """The read timeout, as a socket's: the time since the last bytes, not since the request."""
+        """The read timeout, as a socket's: the time since the last bytes, not since the request. Between
+        requests the timer stops."""
+        self._timer = None
+        if self._done is None:
+            return
         quiet = time.perf_counter() - self._now
         if quiet >= self.idle_timeout:
             self._fail(HttpFailure(f"no data for {self.idle_timeout:g} s"))
@@ -103,7 +108,7 @@ class _Exchange(asyncio.Protocol):
         self._finish(error)
 
     def _finish(self, outcome) -> None:
-        if self._timer is not None:
+        if not self.reusable and self._timer is not None:  # the connection goes: its timer with it
             self._timer.cancel()
             self._timer = None
         done, self._done = self._done, None
