@@ -54,12 +54,15 @@ class RoundRobin:
 def _delta(worker: WorkerInfo, req: GenerateRequest, batch: list) -> TokenDelta:
     """The token deltas that arrived together, as one: one text delta, one HTTP write for the frontend."""
     for reply in batch:
-        if not isinstance(reply, TokenDelta):
+        if type(reply) is not TokenDelta:
             raise ServingError("internal", f"worker {worker.worker_id} sent {type(reply).__name__}")
     if len(batch) == 1:
         return batch[0]
-    return TokenDelta(req.request_id, [t for d in batch for t in d.token_ids], batch[-1].finish_reason,
-                      sum(d.cached_tokens for d in batch), batch[0].timing)
+    token_ids, cached = [], 0
+    for reply in batch:
+        token_ids += reply.token_ids
+        cached += reply.cached_tokens
+    return TokenDelta(req.request_id, token_ids, batch[-1].finish_reason, cached, batch[0].timing)
 
 
 class ServingClient:
@@ -242,14 +245,13 @@ class ServingClient:
                                                 self.idle_timeout, gone=gone,
                                                 address=worker.direct if self.direct else None)) as stream:
                 async for batch in stream:
-                    replies = [decode_reply(data) for data in batch]
-                    error = next((i for i, r in enumerate(replies) if isinstance(r, ErrorReply)), None)
-                    if error is None:
-                        yield replies
-                        continue
-                    if error:  # the replies before the error first
-                        yield replies[:error]
-                    raise ServingError(replies[error].code, f"{worker.role} worker {wid}: {replies[error].message}")
+                    replies = list(map(decode_reply, batch))
+                    for i, reply in enumerate(replies):
+                        if type(reply) is ErrorReply:
+                            if i:  # the replies before the error first
+                                yield replies[:i]
+                            raise ServingError(reply.code, f"{worker.role} worker {wid}: {reply.message}")
+                    yield replies
         except PeerGone:
             self.directory.lost(wid)  # also when NATS said so first: route nothing more there
             raise

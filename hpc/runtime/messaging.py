@@ -403,15 +403,12 @@ class Bus:
                     arrived = await inbox.take(timeout)
                 except asyncio.TimeoutError:
                     raise RequestTimeout(f"no reply on {subject} within {timeout:g} s") from None
-                batch = []
-                for item in arrived:
-                    failure = _failure(item, subject)
-                    if failure is not None:
-                        if batch:  # what came before the failure first
-                            yield batch
+                for i, item in enumerate(arrived):
+                    if type(item) is not bytes and (failure := _failure(item, subject)) is not None:
+                        if i:  # what came before the failure first
+                            yield arrived[:i]
                         raise failure
-                    batch.append(item)
-                yield batch
+                yield arrived
                 timeout = idle_timeout
         finally:
             self._streams.pop(token, None)
