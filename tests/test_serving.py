@@ -555,3 +555,35 @@ async def test_a_frontend_that_stops_reading_its_direct_connection_is_cut_off(na
     for bus in (server, client):
         await bus.drain_handlers(1)
         await bus.close()
+
+
+async def test_an_aggregated_worker_that_dies_before_the_first_token_is_replaced_once(tmp_path, tiny_model, etcd,
+                                                                                     nats, caplog):
+    """The request goes to another aggregated worker, and its trace names the one that answered; the answer is the
+    one any worker gives."""
+    slow = tmp_path / "slow.yaml"  # 120 prompt tokens at 200 tokens/s: 0.6 s of prefill to kill the worker in
+    slow.write_text("max_batch_size: 64\nmocker:\n  prefill_tokens_per_s: 200\n  decode_step_ms: 1\n")
+    workers = {f"agg-{i}": start_worker(tmp_path, "aggregated", tiny_model, etcd.url, nats.url, "retry",
+                                        engine="mocker", engine_config=slow, worker_id=f"agg-{i}") for i in range(2)}
+    try:
+        for w in workers.values():
+            w.wait_ready()
+        async with ServingClient("retry", etcd.url, nats.url) as client:
+            while len(client.directory.by_role("aggregated", MODEL)) < 2:
+                await asyncio.sleep(0.05)
+            prompt, sampling = list(range(10, 130)), Sampling(max_tokens=3, ignore_eos=True)
+            expected = await tokens(client, prompt, sampling)
+            trace: dict = {}
+            stream = client.generate(MODEL, prompt, sampling, trace=trace)
+            first = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0.2)
+            (victim,) = client.in_flight
+            workers[victim].kill()
+            got = list((await asyncio.wait_for(first, 10)).token_ids)
+            async for delta in stream:
+                got += delta.token_ids
+            assert got == expected and trace["prefill_worker"] != victim
+            assert f"{victim} left before the first token; sent to {trace['prefill_worker']}" in caplog.text
+    finally:
+        for w in workers.values():
+            w.stop()

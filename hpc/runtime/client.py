@@ -143,37 +143,33 @@ class ServingClient:
     async def _aggregated(self, req: GenerateRequest, trace: dict) -> AsyncIterator[TokenDelta]:
         # `finished` is set before each yield: a consumer that stops at the last delta closes us at that yield, and
         # the request is complete then, with nothing on the workers to cancel.
-        finished = sent = False
+        finished = sent = retried = False
         try:
             worker = self._pick("aggregated", req)
             if worker is None:
                 raise NoWorkers(f"no worker serves model {req.model!r}")
-            t0 = time.perf_counter()
-            try:
-                async with aclosing(self._replies(worker, req)) as replies:
-                    async for batch in replies:
-                        delta = _delta(worker, req, batch)
-                        if not sent:
-                            trace.update(prefill_worker=worker.worker_id, prefill_host=worker.host,
-                                         prefill_gpus=list(worker.gpus), prefill_rtt=time.perf_counter() - t0,
-                                         prefill=dict(delta.timing))
-                        sent, finished = True, bool(delta.finish_reason)
-                        yield delta
-                        if finished:
-                            return
-            except PeerGone:
-                retry = None if sent else self._pick("aggregated", req, avoid=worker.worker_id)
-                if retry is None:
-                    raise
-                log.warning("request %s: %s left before the first token; sent to %s", req.request_id,
-                            worker.worker_id, retry.worker_id)
-                async with aclosing(self._replies(retry, req)) as replies:  # nothing was sent: once more, elsewhere
-                    async for batch in replies:
-                        delta = _delta(retry, req, batch)
-                        finished = bool(delta.finish_reason)
-                        yield delta
-                        if finished:
-                            return
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    async with aclosing(self._replies(worker, req)) as replies:
+                        async for batch in replies:
+                            delta = _delta(worker, req, batch)
+                            if not sent:
+                                trace.update(prefill_worker=worker.worker_id, prefill_host=worker.host,
+                                             prefill_gpus=list(worker.gpus), prefill_rtt=time.perf_counter() - t0,
+                                             prefill=dict(delta.timing))
+                            sent, finished = True, bool(delta.finish_reason)
+                            yield delta
+                            if finished:
+                                return
+                    return
+                except PeerGone:  # before the first token: once more, elsewhere
+                    retry = None if sent or retried else self._pick("aggregated", req, avoid=worker.worker_id)
+                    if retry is None:
+                        raise
+                    log.warning("request %s: %s left before the first token; sent to %s", req.request_id,
+                                worker.worker_id, retry.worker_id)
+                    worker, retried = retry, True
         finally:
             if not finished:
                 await self._cancel(req)
