@@ -55,9 +55,6 @@ class LoopHistogram:
     def observe(self, seconds: float) -> None:
         self._unlabelled.observe(seconds)
 
-    def remove(self, *values: str) -> None:
-        self._series.pop(values, None)
-
     def collect(self):
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for values, series in list(self._series.items()):
